@@ -1,0 +1,1422 @@
+"""The SQLite trade journal: every trade, order, prediction and event, durable and ordered.
+
+One writer thread owns the read-write connection. Every write is an operation
+``op(conn) -> T`` queued to that thread; the thread commits queued operations in
+batches and resolves each operation's future only after its batch committed, so
+a resolved future means the write is on disk (WAL, ``synchronous=FULL``).
+
+**The prefix property** (the daemon's crash recovery relies on it): the queue is
+FIFO and batches commit one after the other in submission order, each batch in
+one transaction. After a crash at any moment the journal therefore holds exactly
+a prefix of the submitted writes: if write *n* is in the file, every write
+submitted before *n* is too (except operations whose own future reported an
+error, which were rolled back and are never retried). A submitted write cannot
+be cancelled: cancelling the task that awaits it leaves the write queued.
+
+Readers (``status``, reports) use :meth:`Journal.open_reader`, a separate
+read-only connection that never blocks the writer and is never blocked by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import structlog
+
+from utils.clock import Clock, iso_utc, parse_iso_utc
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], T]
+
+APPLICATION_ID: Final = 0x5343414C  # "SCAL": marks a file as this daemon's journal
+SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS: Final = 5000
+HEARTBEAT_KEY: Final = "daemon.heartbeat"
+LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+_V1_TRADING_CORE = """
+PRAGMA application_id = 1396916556;
+
+CREATE TABLE trades (
+    id INTEGER PRIMARY KEY,
+    client_order_id TEXT NOT NULL UNIQUE,
+    symbol TEXT NOT NULL,
+    side TEXT NOT NULL CHECK (side IN ('buy', 'sell')),
+    volume REAL NOT NULL,
+    open_time TEXT NOT NULL,
+    open_price REAL NOT NULL,
+    sl REAL,
+    tp REAL,
+    broker_position_id INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('open', 'closed')),
+    close_time TEXT,
+    close_price REAL,
+    close_reason TEXT,
+    profit REAL,
+    commission REAL NOT NULL DEFAULT 0,
+    swap REAL NOT NULL DEFAULT 0,
+    net_profit REAL,
+    confidence REAL,
+    model_set TEXT,
+    bars_held INTEGER,
+    mode TEXT NOT NULL
+);
+CREATE INDEX trades_status ON trades (status);
+CREATE INDEX trades_symbol_open_time ON trades (symbol, open_time);
+CREATE INDEX trades_close_time ON trades (close_time);
+
+CREATE TABLE orders (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    client_order_id TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    action TEXT NOT NULL,
+    side TEXT,
+    volume REAL,
+    price REAL,
+    sl REAL,
+    tp REAL,
+    position_id INTEGER,
+    retcode INTEGER,
+    retcode_name TEXT,
+    result_price REAL,
+    result_volume REAL,
+    comment TEXT,
+    request_json TEXT,
+    result_json TEXT
+);
+CREATE INDEX orders_client_order_id ON orders (client_order_id);
+
+CREATE TABLE equity (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    balance REAL NOT NULL,
+    equity REAL NOT NULL,
+    margin REAL NOT NULL,
+    free_margin REAL NOT NULL,
+    open_positions INTEGER NOT NULL
+);
+
+CREATE TABLE state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    level TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    details_json TEXT
+);
+CREATE INDEX events_level_time ON events (level, time);
+"""
+
+_V2_ML_AND_CONTROL = """
+CREATE TABLE predictions (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    bar_time TEXT NOT NULL,
+    symbol TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    p_down REAL NOT NULL,
+    p_flat REAL NOT NULL,
+    p_up REAL NOT NULL,
+    latency_us REAL
+);
+CREATE INDEX predictions_symbol_bar_time ON predictions (symbol, bar_time);
+
+CREATE TABLE model_events (
+    id INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    symbol TEXT,
+    kind TEXT,
+    version TEXT,
+    event TEXT NOT NULL,
+    details_json TEXT
+);
+
+CREATE TABLE training_runs (
+    id INTEGER PRIMARY KEY,
+    started TEXT NOT NULL,
+    finished TEXT,
+    symbol TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    version TEXT,
+    status TEXT NOT NULL,
+    metrics_json TEXT,
+    error TEXT
+);
+
+CREATE TABLE commands (
+    id INTEGER PRIMARY KEY,
+    created TEXT NOT NULL,
+    command TEXT NOT NULL,
+    args_json TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    result_json TEXT,
+    updated TEXT
+);
+"""
+
+# (number, description, sql), applied in order, each in its own transaction that also
+# sets PRAGMA user_version to its number. Never edit a released migration: add one.
+MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
+    (1, "trading core: trades, orders, equity, state, events", _V1_TRADING_CORE),
+    (2, "ML and control: predictions, model_events, training_runs, commands", _V2_ML_AND_CONTROL),
+)
+LATEST_VERSION: Final = MIGRATIONS[-1][0]
+
+
+class JournalError(Exception):
+    """The journal file cannot be used (not a journal, newer schema, damaged) or is closed.
+
+    The file is left exactly as it was. The CLI exits with code 2 on it.
+    """
+
+
+class UnknownTradeError(LookupError):
+    """``close_trade`` for a client order id the journal has never seen."""
+
+
+class JournalFuture(concurrent.futures.Future[T]):
+    """A ``concurrent.futures.Future`` that an event loop can also ``await``.
+
+    ``fut.result()`` blocks a thread; ``await fut`` suspends a coroutine. Either
+    way, a result means the write is committed.
+    """
+
+    def __await__(self) -> Generator[Any, None, T]:
+        wrapped = asyncio.wrap_future(self, loop=asyncio.get_running_loop())
+        return wrapped.__await__()
+
+
+# -- values ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TradeOpen:
+    client_order_id: str
+    symbol: str
+    side: str  # "buy" | "sell"
+    volume: float
+    open_time: datetime
+    open_price: float
+    sl: float | None
+    tp: float | None
+    broker_position_id: int | None
+    commission: float  # of the opening deal (negative = cost), account currency
+    confidence: float | None
+    model_set: str
+    mode: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "side", _side_text(self.side))
+        _require_aware("TradeOpen.open_time", self.open_time)
+        if not self.volume > 0:
+            raise ValueError(f"TradeOpen.volume must be > 0 (got {self.volume})")
+
+
+@dataclass(frozen=True, slots=True)
+class TradeClose:
+    client_order_id: str
+    close_time: datetime
+    close_price: float
+    close_reason: str
+    profit: float  # gross P&L of the closing deal, account currency
+    commission: float  # of this closing deal only (negative = cost)
+    swap: float
+    bars_held: int | None
+
+    def __post_init__(self) -> None:
+        _require_aware("TradeClose.close_time", self.close_time)
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRow:
+    time: datetime
+    bar_time: datetime
+    symbol: str
+    model: str
+    version: str
+    stage: str
+    p_down: float
+    p_flat: float
+    p_up: float
+    latency_us: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TradeRow:
+    """One row of ``trades``, times parsed to UTC-aware datetimes."""
+
+    id: int
+    client_order_id: str
+    symbol: str
+    side: str
+    volume: float
+    open_time: datetime
+    open_price: float
+    sl: float | None
+    tp: float | None
+    broker_position_id: int | None
+    status: str
+    close_time: datetime | None
+    close_price: float | None
+    close_reason: str | None
+    profit: float | None
+    commission: float
+    swap: float
+    net_profit: float | None
+    confidence: float | None
+    model_set: str | None
+    bars_held: int | None
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    id: int
+    time: datetime
+    level: str
+    kind: str
+    message: str
+    details: object  # decoded details_json, None when absent
+
+
+@dataclass(frozen=True, slots=True)
+class EquityRow:
+    id: int
+    time: datetime
+    balance: float
+    equity: float
+    margin: float
+    free_margin: float
+    open_positions: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSummary:
+    """What ``python main.py status`` shows; "today" is the UTC date of ``now``."""
+
+    now: datetime
+    schema_version: int
+    last_equity: EquityRow | None
+    open_trades: tuple[TradeRow, ...]
+    trades_today: int
+    wins_today: int  # closed today with net_profit > 0
+    win_rate_today: float | None  # None when no trade closed today
+    pnl_today: float  # net
+    trades_total: int
+    pnl_total: float  # net, all closed trades
+    last_errors: tuple[EventRow, ...]  # newest first, warning and above
+    heartbeat: str | None  # the value of state 'daemon.heartbeat'
+    heartbeat_updated: datetime | None
+    heartbeat_age_s: float | None  # now - heartbeat_updated
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    batches_committed: int
+    ops_committed: int
+    ops_failed: int
+    batches_failed: int
+    queued: int
+
+
+# -- file checks ----------------------------------------------------------------------
+
+
+def _fix_hint() -> str:
+    return "set storage.journal_path to another file (or move this one away)"
+
+
+def _check_header(path: Path) -> bool:
+    """True for an existing SQLite file, False for an absent or 0-byte one; raise otherwise."""
+    if path.is_dir():
+        raise JournalError(f"{path} is a directory, not a journal file; {_fix_hint()}")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise JournalError(f"{path} cannot be read ({exc}); fix its permissions") from exc
+    if not head:
+        return False
+    if head != SQLITE_MAGIC:
+        raise JournalError(
+            f"{path} is not a journal: it is not an SQLite database (it starts with "
+            f"{head[:16]!r}); {_fix_hint()}. The file was not modified."
+        )
+    return True
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    uri = path.resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _classify(conn: sqlite3.Connection, path: Path) -> int:
+    """Schema version of an opened SQLite file; 0 for an empty one; raise if not ours."""
+    try:
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        objects = int(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(
+            f"{path} cannot be read as a journal ({exc}); {_fix_hint()}. The file was not modified."
+        ) from exc
+    if app_id != APPLICATION_ID:
+        if app_id == 0 and version == 0 and objects == 0:
+            return 0  # an empty SQLite file: ours to use
+        raise JournalError(
+            f"{path} is not a journal: it is an SQLite database of another application "
+            f"(application_id {app_id:#x}, {objects} schema objects, user_version {version}); "
+            f"{_fix_hint()}. The file was not modified."
+        )
+    if version > LATEST_VERSION:
+        raise JournalError(
+            f"{path} was written by a newer version of the daemon (journal schema {version}, "
+            f"this version knows up to {LATEST_VERSION}); upgrade, or set "
+            "storage.journal_path to another file. The file was not modified."
+        )
+    return version
+
+
+def _inspect(path: Path) -> int | None:
+    """None for a new journal (absent or empty file), else its schema version."""
+    if not _check_header(path):
+        return None
+    try:
+        conn = _connect_ro(path)
+    except sqlite3.Error as exc:
+        raise JournalError(f"{path} cannot be opened ({exc}); {_fix_hint()}") from exc
+    try:
+        version = _classify(conn, path)
+        _quick_check(conn, path)
+    finally:
+        conn.close()
+    return version
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        text = "; ".join(problems).replace("\n", "; ")
+        if len(text) > 300:
+            text = text[:300] + " ..."
+        raise JournalError(
+            f"{path} is damaged (PRAGMA quick_check: {text}); restore it from a backup or "
+            f"{_fix_hint()}. The file was not modified."
+        )
+
+
+def backup_path(path: Path, version: int) -> Path:
+    """Where the copy taken before migrating a version-``version`` journal goes."""
+    return path.with_name(f"{path.name}.v{version}.bak")
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty owner-only file (the journal holds account data)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _backup(path: Path, version: int) -> Path:
+    target = backup_path(path, version)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    _create_private(tmp)
+    src = _connect_ro(path)
+    try:
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    os.replace(tmp, target)  # a half-written copy never takes the backup's name
+    return target
+
+
+# -- JSON -----------------------------------------------------------------------------
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    if isinstance(value, Enum):
+        return value.value
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    if isinstance(value, Path):
+        return str(value)
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, default=_json_default, sort_keys=True, separators=(",", ":"))
+
+
+def _dumps_opt(value: object) -> str | None:
+    return None if value is None else _dumps(value)
+
+
+def _loads_opt(text: str | None) -> object:
+    return None if text is None else json.loads(text)
+
+
+def _require_aware(name: str, moment: datetime) -> None:
+    if moment.tzinfo is None:
+        raise ValueError(f"{name} is naive ({moment!r}); journal times must be UTC-aware")
+
+
+def _side_text(side: object) -> str:
+    text = side.value if isinstance(side, Enum) else side
+    if text not in ("buy", "sell"):
+        raise ValueError(f"side must be 'buy' or 'sell' (got {side!r})")
+    return str(text)
+
+
+def _opt_text(value: object) -> str | None:
+    if value is None:
+        return None
+    return str(value.value) if isinstance(value, Enum) else str(value)
+
+
+def _full_iso(moment: datetime) -> str:
+    """Like iso_utc but always with 6 fraction digits: the normalised form used in comparisons."""
+    _require_aware("time", moment)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# -- reads (usable as ops, and on read-only connections) ------------------------------
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+    cur = conn.cursor()
+    cur.row_factory = sqlite3.Row
+    try:
+        return list(cur.execute(sql, params).fetchall())
+    finally:
+        cur.close()
+
+
+def _opt_time(text: str | None) -> datetime | None:
+    return None if text is None else parse_iso_utc(text)
+
+
+def _trade_row(r: sqlite3.Row) -> TradeRow:
+    return TradeRow(
+        id=r["id"],
+        client_order_id=r["client_order_id"],
+        symbol=r["symbol"],
+        side=r["side"],
+        volume=r["volume"],
+        open_time=parse_iso_utc(r["open_time"]),
+        open_price=r["open_price"],
+        sl=r["sl"],
+        tp=r["tp"],
+        broker_position_id=r["broker_position_id"],
+        status=r["status"],
+        close_time=_opt_time(r["close_time"]),
+        close_price=r["close_price"],
+        close_reason=r["close_reason"],
+        profit=r["profit"],
+        commission=r["commission"],
+        swap=r["swap"],
+        net_profit=r["net_profit"],
+        confidence=r["confidence"],
+        model_set=r["model_set"],
+        bars_held=r["bars_held"],
+        mode=r["mode"],
+    )
+
+
+def _event_row(r: sqlite3.Row) -> EventRow:
+    return EventRow(
+        id=r["id"],
+        time=parse_iso_utc(r["time"]),
+        level=r["level"],
+        kind=r["kind"],
+        message=r["message"],
+        details=_loads_opt(r["details_json"]),
+    )
+
+
+def fetch_state(conn: sqlite3.Connection, key: str, default: object = None) -> object:
+    rows = _rows(conn, "SELECT value FROM state WHERE key = ?", (key,))
+    return json.loads(rows[0]["value"]) if rows else default
+
+
+def fetch_open_trades(conn: sqlite3.Connection) -> list[TradeRow]:
+    rows = _rows(conn, "SELECT * FROM trades WHERE status = 'open' ORDER BY id")
+    return [_trade_row(r) for r in rows]
+
+
+def fetch_closed_trades(conn: sqlite3.Connection, since: datetime | None = None) -> list[TradeRow]:
+    """Closed trades in close-time order; ``since`` keeps those closed at or after it.
+
+    Stored times come from ``iso_utc``, which drops a zero fraction, so text order
+    is not time order within one second: compare a normalised form instead.
+    """
+    rows = _rows(
+        conn,
+        "SELECT * FROM trades WHERE status = 'closed' AND (? IS NULL OR "
+        "(CASE WHEN length(close_time) = 20 THEN substr(close_time, 1, 19) || '.000000Z' "
+        "ELSE close_time END) >= ?) "
+        "ORDER BY (CASE WHEN length(close_time) = 20 THEN substr(close_time, 1, 19) "
+        "|| '.000000Z' ELSE close_time END), id",
+        (None if since is None else 1, None if since is None else _full_iso(since)),
+    )
+    return [_trade_row(r) for r in rows]
+
+
+def fetch_realized_pnl(conn: sqlite3.Connection) -> float:
+    rows = _rows(
+        conn, "SELECT COALESCE(SUM(net_profit), 0.0) AS pnl FROM trades WHERE status = 'closed'"
+    )
+    return float(rows[0]["pnl"])
+
+
+def fetch_last_events(
+    conn: sqlite3.Connection, n: int = 5, min_level: str = "warning"
+) -> list[EventRow]:
+    """The ``n`` newest events at ``min_level`` or above, newest first."""
+    wanted: list[str | None] = list(LEVELS[LEVELS.index(_level(min_level)) :])
+    wanted += [None] * (len(LEVELS) - len(wanted))
+    rows = _rows(
+        conn,
+        "SELECT * FROM events WHERE level IN (?, ?, ?, ?, ?) ORDER BY id DESC LIMIT ?",
+        (*wanted, int(n)),
+    )
+    return [_event_row(r) for r in rows]
+
+
+def fetch_last_equity(conn: sqlite3.Connection) -> EquityRow | None:
+    rows = _rows(conn, "SELECT * FROM equity ORDER BY id DESC LIMIT 1")
+    if not rows:
+        return None
+    r = rows[0]
+    return EquityRow(
+        id=r["id"],
+        time=parse_iso_utc(r["time"]),
+        balance=r["balance"],
+        equity=r["equity"],
+        margin=r["margin"],
+        free_margin=r["free_margin"],
+        open_positions=r["open_positions"],
+    )
+
+
+def fetch_max_position_id(conn: sqlite3.Connection) -> int | None:
+    """Highest broker position id in trades or orders (a paper broker continues after it)."""
+    row = _rows(
+        conn,
+        "SELECT (SELECT max(broker_position_id) FROM trades) AS t, "
+        "(SELECT max(position_id) FROM orders) AS o",
+    )[0]
+    found = [int(v) for v in (row["t"], row["o"]) if v is not None]
+    return max(found) if found else None
+
+
+def summary(conn: sqlite3.Connection, now: datetime) -> JournalSummary:
+    """Everything ``status`` shows, read in one snapshot. Works on a read-only connection."""
+    _require_aware("now", now)
+    own_tx = not conn.in_transaction
+    if own_tx:
+        conn.execute("BEGIN")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        day = now.astimezone(UTC).date().isoformat()
+        today = _rows(
+            conn,
+            "SELECT count(*) AS n, COALESCE(SUM(net_profit > 0), 0) AS wins, "
+            "COALESCE(SUM(net_profit), 0.0) AS pnl FROM trades "
+            "WHERE status = 'closed' AND substr(close_time, 1, 10) = ?",
+            (day,),
+        )[0]
+        total = _rows(
+            conn,
+            "SELECT count(*) AS n, COALESCE(SUM(net_profit), 0.0) AS pnl FROM trades "
+            "WHERE status = 'closed'",
+        )[0]
+        beat = _rows(conn, "SELECT value, updated FROM state WHERE key = ?", (HEARTBEAT_KEY,))
+        last_equity = fetch_last_equity(conn)
+        open_trades = tuple(fetch_open_trades(conn))
+        last_errors = tuple(fetch_last_events(conn, 5, "warning"))
+    finally:
+        if own_tx:
+            conn.execute("COMMIT")
+    heartbeat: str | None = None
+    heartbeat_updated: datetime | None = None
+    if beat:
+        value = json.loads(beat[0]["value"])
+        heartbeat = value if isinstance(value, str) else _dumps(value)
+        heartbeat_updated = parse_iso_utc(beat[0]["updated"])
+    trades_today = int(today["n"])
+    wins_today = int(today["wins"])
+    return JournalSummary(
+        now=now,
+        schema_version=version,
+        last_equity=last_equity,
+        open_trades=open_trades,
+        trades_today=trades_today,
+        wins_today=wins_today,
+        win_rate_today=wins_today / trades_today if trades_today else None,
+        pnl_today=float(today["pnl"]),
+        trades_total=int(total["n"]),
+        pnl_total=float(total["pnl"]),
+        last_errors=last_errors,
+        heartbeat=heartbeat,
+        heartbeat_updated=heartbeat_updated,
+        heartbeat_age_s=(
+            (now - heartbeat_updated).total_seconds() if heartbeat_updated is not None else None
+        ),
+    )
+
+
+def _level(level: str) -> str:
+    norm = level.lower()
+    if norm not in LEVELS:
+        raise ValueError(f"event level must be one of {', '.join(LEVELS)} (got {level!r})")
+    return norm
+
+
+# -- the journal ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Item:
+    op: Callable[[sqlite3.Connection], Any]
+    future: JournalFuture[Any]
+
+
+class _Stop:
+    """Queue sentinel: everything queued before it is written, then the writer stops."""
+
+
+class _BatchAborted(Exception):
+    """SQLite rolled the whole batch transaction back (disk full, I/O error)."""
+
+
+def _noop(_conn: sqlite3.Connection) -> None:
+    return None
+
+
+class Journal:
+    """The daemon's journal: one writer thread, batched FIFO commits, typed helpers.
+
+    ``submit``/helpers return a :class:`JournalFuture` at once (never blocking the
+    event loop); ``await`` it or call ``.result()`` where durability matters.
+    The writer takes the first queued op plus whatever else is already queued, at
+    most ``batch_max`` ops, runs each under its own SAVEPOINT (a failing op is
+    rolled back alone and its future gets the exception) and commits them in one
+    transaction. A failed commit (disk full, I/O error) fails that batch's futures
+    and is rolled back; later writes go on normally.
+    """
+
+    def __init__(self, path: Path | str, *, clock: Clock, batch_max: int = 500) -> None:
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be >= 1 (got {batch_max})")
+        self.path = Path(path)
+        self._clock = clock
+        self._batch_max = batch_max
+        self._queue: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._accepting = False
+        self._thread: threading.Thread | None = None
+        self._batches = 0
+        self._ops = 0
+        self._ops_failed = 0
+        self._batches_failed = 0
+        self.backup: Path | None = None  # the copy taken before migrating, if any
+        self.schema_version_at_open: int | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Validate, back up if migrating, migrate, and start the writer thread.
+
+        Raises :class:`JournalError` (file untouched) for a file that is not a
+        journal, a newer schema, or one that fails ``PRAGMA quick_check``.
+        """
+        if self._thread is not None:
+            raise RuntimeError(f"journal {self.path} is already open")
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        thread = threading.Thread(
+            target=self._writer_main, args=(ready,), name="journal-writer", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+        try:
+            ready.result()  # the writer accepts writes before it resolves this
+        except BaseException:
+            thread.join()
+            self._thread = None
+            raise
+
+    def close(self) -> None:
+        """Write everything queued, stop the writer, close the connection. Idempotent."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            if self._accepting:
+                self._accepting = False
+                self._queue.put(_Stop())
+        if threading.current_thread() is thread:
+            raise RuntimeError("Journal.close() called from a journal operation")
+        thread.join()
+        with self._lock:
+            self._thread = None
+
+    def __enter__(self) -> Journal:
+        self.open()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._accepting
+
+    @property
+    def stats(self) -> JournalStats:
+        return JournalStats(
+            batches_committed=self._batches,
+            ops_committed=self._ops,
+            ops_failed=self._ops_failed,
+            batches_failed=self._batches_failed,
+            queued=self._queue.qsize(),
+        )
+
+    # -- the queue -------------------------------------------------------------------
+
+    def submit(self, op: Op[T]) -> JournalFuture[T]:
+        """Queue ``op(conn)`` for the writer thread; its future resolves after commit."""
+        fut: JournalFuture[T] = JournalFuture()
+        fut.set_running_or_notify_cancel()  # a queued write cannot be cancelled
+        with self._lock:
+            if not self._accepting:
+                raise JournalError(
+                    f"journal {self.path} is closed (or was never opened); no write is accepted"
+                )
+            self._queue.put(_Item(op, fut))
+        return fut
+
+    async def run(self, op: Op[T]) -> T:
+        """Run ``op`` on the writer thread and await its committed result."""
+        return await self.submit(op)
+
+    def call(self, op: Op[T], timeout: float | None = None) -> T:
+        """Blocking ``run`` for start-up, the CLI and tests (blocks an event loop)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("Journal.call() from a journal operation would deadlock")
+        return self.submit(op).result(timeout)
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed (or has failed)."""
+        if self._accepting:
+            await asyncio.wrap_future(self.submit(_noop))
+
+    def flush_sync(self) -> None:
+        if self._accepting:
+            self.call(_noop)
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._setup()
+        except BaseException as exc:  # noqa: BLE001 - handed to open(), which raises it
+            ready.set_exception(exc)
+            return
+        with self._lock:
+            self._accepting = True
+        ready.set_result(None)
+        try:
+            self._serve(conn)
+        finally:
+            with self._lock:
+                self._accepting = False
+            self._fail_queued(JournalError(f"journal {self.path} is closed"))
+            conn.close()
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Item) and not item.future.done():
+                item.future.set_exception(exc)
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self._queue.get()
+            if isinstance(first, _Stop):
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._run_batch(conn, batch)
+            except BaseException as exc:
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+                self._rollback(conn)
+                log.exception("journal_writer_crashed", path=str(self.path))
+                raise
+            if stop:
+                return
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        outcomes: list[tuple[_Item, bool, Any]] = []
+        try:
+            self._begin(conn)
+            for item in batch:
+                conn.execute("SAVEPOINT journal_op")
+                try:
+                    value = item.op(conn)
+                except Exception as exc:  # the op's own failure goes to its future
+                    if not conn.in_transaction:
+                        raise _BatchAborted(exc) from exc
+                    conn.execute("ROLLBACK TO journal_op")
+                    conn.execute("RELEASE journal_op")
+                    outcomes.append((item, False, exc))
+                else:
+                    conn.execute("RELEASE journal_op")
+                    outcomes.append((item, True, value))
+            self._commit(conn)
+        except (_BatchAborted, sqlite3.Error, OSError) as exc:
+            error = exc.args[0] if isinstance(exc, _BatchAborted) else exc
+            self._rollback(conn)
+            own = {id(it): value for it, ok, value in outcomes if not ok}
+            for it in batch:
+                it.future.set_exception(own.get(id(it), error))
+            self._batches_failed += 1
+            self._ops_failed += len(batch)
+            log.error(
+                "journal_batch_failed",
+                path=str(self.path),
+                ops=len(batch),
+                error=repr(error),
+            )
+            return
+        self._batches += 1
+        for it, ok, value in outcomes:
+            if ok:
+                self._ops += 1
+                it.future.set_result(value)
+            else:
+                self._ops_failed += 1
+                it.future.set_exception(value)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        for attempt in range(3):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                busy = code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or attempt == 2:
+                    raise
+                log.warning("journal_busy_retry", path=str(self.path), attempt=attempt + 1)
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("journal_rollback_failed", path=str(self.path), error=repr(exc))
+
+    # -- opening (on the writer thread) ----------------------------------------------
+
+    def _setup(self) -> sqlite3.Connection:
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot create the directory of journal {path} ({exc}); "
+                "fix its permissions or set storage.journal_path"
+            ) from exc
+        version = _inspect(path)
+        self.schema_version_at_open = version
+        if version is None and not path.exists():
+            _create_private(path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Re-check with this connection: another process may have migrated meanwhile.
+        version = _classify(conn, path)
+        if 0 < version < LATEST_VERSION:
+            self.backup = _backup(path, version)
+            log.info("journal_backup", path=str(path), backup=str(self.backup), version=version)
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        if mode != "wal":
+            raise JournalError(
+                f"{path}: the journal needs WAL mode but SQLite kept {mode!r} (a network or "
+                "read-only file system?); set storage.journal_path to a file on a local disk"
+            )
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        for number, description, sql in MIGRATIONS:
+            if number <= version:
+                continue
+            script = f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;"
+            try:
+                conn.executescript(script)
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                saved = f" (the copy from before the upgrade: {self.backup})" if self.backup else ""
+                raise JournalError(
+                    f"{path}: migration {number} ({description}) failed: {exc}{saved}"
+                ) from exc
+            log.info("journal_migrated", path=str(path), version=number, what=description)
+
+    @staticmethod
+    def open_reader(path: Path | str) -> sqlite3.Connection:
+        """A read-only connection for ``status`` and reports while the daemon writes.
+
+        Never creates a file; refuses non-journals and newer schemas like ``open``.
+        """
+        p = Path(path)
+        if not _check_header(p):
+            raise JournalError(f"{p}: no journal there yet (the daemon has not run with this path)")
+        try:
+            conn = _connect_ro(p)
+        except sqlite3.Error as exc:
+            raise JournalError(f"{p} cannot be opened ({exc}); {_fix_hint()}") from exc
+        try:
+            version = _classify(conn, p)
+            if version == 0:
+                raise JournalError(f"{p}: an empty journal (the daemon has not written it yet)")
+            conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- typed writes ----------------------------------------------------------------
+
+    def record_order(
+        self,
+        *,
+        time: datetime,
+        client_order_id: str,
+        symbol: str,
+        action: str,
+        side: str | None = None,
+        volume: float | None = None,
+        price: float | None = None,
+        sl: float | None = None,
+        tp: float | None = None,
+        position_id: int | None = None,
+        retcode: int | None = None,
+        retcode_name: str | None = None,
+        result_price: float | None = None,
+        result_volume: float | None = None,
+        comment: str | None = None,
+        request: Mapping[str, object] | None = None,
+        result: Mapping[str, object] | None = None,
+    ) -> JournalFuture[int]:
+        """One order request and its outcome (every request, accepted or not)."""
+        params = (
+            iso_utc(time),
+            client_order_id,
+            symbol,
+            action,
+            _opt_text(side),
+            volume,
+            price,
+            sl,
+            tp,
+            position_id,
+            retcode,
+            retcode_name,
+            result_price,
+            result_volume,
+            comment,
+            _dumps_opt(request),
+            _dumps_opt(result),
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO orders (time, client_order_id, symbol, action, side, volume, "
+                "price, sl, tp, position_id, retcode, retcode_name, result_price, "
+                "result_volume, comment, request_json, result_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return int(cur.lastrowid or 0)
+
+        return self.submit(op)
+
+    def open_trade(self, trade: TradeOpen) -> JournalFuture[int]:
+        """Insert an open trade; the same client order id again is a no-op. Returns its id."""
+        params = (
+            trade.client_order_id,
+            trade.symbol,
+            trade.side,
+            trade.volume,
+            iso_utc(trade.open_time),
+            trade.open_price,
+            trade.sl,
+            trade.tp,
+            trade.broker_position_id,
+            trade.commission,
+            trade.confidence,
+            trade.model_set,
+            trade.mode,
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT INTO trades (client_order_id, symbol, side, volume, open_time, "
+                "open_price, sl, tp, broker_position_id, status, commission, confidence, "
+                "model_set, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?) "
+                "ON CONFLICT (client_order_id) DO NOTHING",
+                params,
+            )
+            row = conn.execute(
+                "SELECT id FROM trades WHERE client_order_id = ?", (trade.client_order_id,)
+            ).fetchone()
+            return int(row[0])
+
+        return self.submit(op)
+
+    def close_trade(self, close: TradeClose) -> JournalFuture[bool]:
+        """Close a trade: True if this call closed it, False if it was closed already.
+
+        ``commission`` is the closing deal's and is added to the opening one;
+        ``net_profit = profit + commission (both deals) + swap``. An unknown
+        client order id fails the future with :class:`UnknownTradeError`.
+        """
+        params = {
+            "coid": close.client_order_id,
+            "close_time": iso_utc(close.close_time),
+            "close_price": close.close_price,
+            "close_reason": close.close_reason,
+            "profit": close.profit,
+            "commission": close.commission,
+            "swap": close.swap,
+            "bars_held": close.bars_held,
+        }
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE trades SET status = 'closed', close_time = :close_time, "
+                "close_price = :close_price, close_reason = :close_reason, profit = :profit, "
+                "commission = commission + :commission, swap = swap + :swap, "
+                "net_profit = :profit + commission + :commission + swap + :swap, "
+                "bars_held = :bars_held "
+                "WHERE client_order_id = :coid AND status = 'open'",
+                params,
+            )
+            if cur.rowcount:
+                return True
+            known = conn.execute(
+                "SELECT 1 FROM trades WHERE client_order_id = ?", (close.client_order_id,)
+            ).fetchone()
+            if known is None:
+                raise UnknownTradeError(
+                    f"close_trade: no trade with client_order_id {close.client_order_id!r} "
+                    f"in journal {self.path}"
+                )
+            return False
+
+        return self.submit(op)
+
+    def record_event(
+        self,
+        level: str,
+        kind: str,
+        message: str,
+        details: Mapping[str, object] | None = None,
+        *,
+        time: datetime | None = None,
+    ) -> JournalFuture[int]:
+        """An operational event; ``level`` is one of LEVELS (case-insensitive)."""
+        params = (
+            iso_utc(time or self._clock.now()),
+            _level(level),
+            kind,
+            message,
+            _dumps_opt(details),
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO events (time, level, kind, message, details_json) "
+                "VALUES (?, ?, ?, ?, ?)",
+                params,
+            )
+            return int(cur.lastrowid or 0)
+
+        return self.submit(op)
+
+    def record_equity(
+        self,
+        time: datetime,
+        balance: float,
+        equity: float,
+        margin: float,
+        free_margin: float,
+        open_positions: int,
+    ) -> JournalFuture[int]:
+        params = (iso_utc(time), balance, equity, margin, free_margin, int(open_positions))
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO equity (time, balance, equity, margin, free_margin, "
+                "open_positions) VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return int(cur.lastrowid or 0)
+
+        return self.submit(op)
+
+    def set_state(self, key: str, value: object) -> JournalFuture[None]:
+        """Store a JSON-able value under ``key`` (encoded now, so later mutation is harmless)."""
+        params = (key, _dumps(value), iso_utc(self._clock.now()))
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO state (key, value, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "updated = excluded.updated",
+                params,
+            )
+
+        return self.submit(op)
+
+    def record_predictions(self, rows: Sequence[PredictionRow]) -> JournalFuture[int]:
+        """Insert prediction rows; the future holds how many."""
+        params = [
+            (
+                iso_utc(r.time),
+                iso_utc(r.bar_time),
+                r.symbol,
+                r.model,
+                r.version,
+                r.stage,
+                float(r.p_down),
+                float(r.p_flat),
+                float(r.p_up),
+                None if r.latency_us is None else float(r.latency_us),
+            )
+            for r in rows
+        ]
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.executemany(
+                "INSERT INTO predictions (time, bar_time, symbol, model, version, stage, "
+                "p_down, p_flat, p_up, latency_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return len(params)
+
+        return self.submit(op)
+
+    def record_model_event(
+        self,
+        event: str,
+        *,
+        symbol: str | None = None,
+        kind: str | None = None,
+        version: str | None = None,
+        details: Mapping[str, object] | None = None,
+        time: datetime | None = None,
+    ) -> JournalFuture[int]:
+        """trained, validated, rejected, promoted, swapped, rolled_back, drift, ..."""
+        params = (
+            iso_utc(time or self._clock.now()),
+            symbol,
+            kind,
+            version,
+            event,
+            _dumps_opt(details),
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO model_events (time, symbol, kind, version, event, details_json) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return int(cur.lastrowid or 0)
+
+        return self.submit(op)
+
+    def record_training_run(
+        self,
+        *,
+        started: datetime,
+        symbol: str,
+        kind: str,
+        status: str,
+        finished: datetime | None = None,
+        version: str | None = None,
+        metrics: Mapping[str, object] | None = None,
+        error: str | None = None,
+    ) -> JournalFuture[int]:
+        """Insert a training run; the future holds its id (for ``finish_training_run``)."""
+        params = (
+            iso_utc(started),
+            None if finished is None else iso_utc(finished),
+            symbol,
+            kind,
+            version,
+            status,
+            _dumps_opt(metrics),
+            error,
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO training_runs (started, finished, symbol, kind, version, status, "
+                "metrics_json, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return int(cur.lastrowid or 0)
+
+        return self.submit(op)
+
+    def finish_training_run(
+        self,
+        run_id: int,
+        *,
+        finished: datetime,
+        status: str,
+        version: str | None = None,
+        metrics: Mapping[str, object] | None = None,
+        error: str | None = None,
+    ) -> JournalFuture[None]:
+        """Complete a run recorded by ``record_training_run`` (version/metrics kept if None)."""
+        params = (iso_utc(finished), status, version, _dumps_opt(metrics), error, int(run_id))
+
+        def op(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE training_runs SET finished = ?, status = ?, "
+                "version = COALESCE(?, version), metrics_json = COALESCE(?, metrics_json), "
+                "error = ? WHERE id = ?",
+                params,
+            )
+            if not cur.rowcount:
+                raise LookupError(f"no training run {run_id} in journal {self.path}")
+
+        return self.submit(op)
+
+    # -- reads (blocking: they wait for the writer, so they see every earlier write) --
+
+    def get_state(self, key: str, default: object = None) -> object:
+        return self.call(lambda conn: fetch_state(conn, key, default))
+
+    def open_trades(self) -> list[TradeRow]:
+        return self.call(fetch_open_trades)
+
+    def closed_trades(self, since: datetime | None = None) -> list[TradeRow]:
+        return self.call(lambda conn: fetch_closed_trades(conn, since))
+
+    def realized_pnl(self) -> float:
+        return self.call(fetch_realized_pnl)
+
+    def last_events(self, n: int = 5, min_level: str = "warning") -> list[EventRow]:
+        _level(min_level)
+        return self.call(lambda conn: fetch_last_events(conn, n, min_level))
+
+    def last_equity(self) -> EquityRow | None:
+        return self.call(fetch_last_equity)
+
+    def max_position_id(self) -> int | None:
+        return self.call(fetch_max_position_id)
+
+
+__all__ = [
+    "APPLICATION_ID",
+    "HEARTBEAT_KEY",
+    "LATEST_VERSION",
+    "LEVELS",
+    "MIGRATIONS",
+    "EquityRow",
+    "EventRow",
+    "Journal",
+    "JournalError",
+    "JournalFuture",
+    "JournalStats",
+    "JournalSummary",
+    "PredictionRow",
+    "TradeClose",
+    "TradeOpen",
+    "TradeRow",
+    "UnknownTradeError",
+    "backup_path",
+    "fetch_closed_trades",
+    "fetch_last_equity",
+    "fetch_last_events",
+    "fetch_max_position_id",
+    "fetch_open_trades",
+    "fetch_realized_pnl",
+    "fetch_state",
+    "summary",
+]
