@@ -44,7 +44,9 @@ CLOSE_ONLY = 10044
 FIFO_CLOSE = 10045
 
 NAMES: dict[int, str] = {
-    value: name for name, value in dict(globals()).items() if name.isupper() and isinstance(value, int)
+    value: name
+    for name, value in dict(globals()).items()
+    if name.isupper() and isinstance(value, int)
 }
 
 

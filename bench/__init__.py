@@ -1,0 +1,1 @@
+"""Benchmarks: print figures and rewrite BENCHMARKS.md (``python -m bench [--quick]``)."""

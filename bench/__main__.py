@@ -1,0 +1,89 @@
+"""Runs every benchmark and rewrites BENCHMARKS.md with the figures.
+
+``python -m bench`` measures at the sizes the targets are stated for;
+``python -m bench --quick`` is a smoke run (CI): it runs everything on small
+inputs and asserts no timings. Figures are wall-clock on a shared machine:
+compare variants measured in the same run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from bench import decision
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs"
+
+
+def _versions() -> str:
+    names = ["numpy", "pandas", "pydantic-settings", "structlog"]
+    parts = [f"Python {platform.python_version()}"]
+    for name in names:
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return ", ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (CI)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    command = "python -m bench" + (" --quick" if args.quick else "")
+    sections: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        results = asyncio.run(decision.run(Path(tmp), quick=args.quick))
+        elapsed = time.perf_counter() - t0
+    sections.append(decision.render(results))
+    for line in decision.summary_lines(results):
+        print(line)
+    header = [
+        "# Benchmarks",
+        "",
+        f"Written by `{command}` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} "
+        f"({elapsed:.1f} s).",
+        "",
+        f"- Machine: {_machine()}",
+        f"- Libraries: {_versions()}",
+        "- Wall-clock figures on a shared machine: compare rows of one run, not runs.",
+        "",
+    ]
+    if args.quick:
+        header.insert(
+            3, "**Quick (smoke) run: sizes are too small for the figures to mean much.**\n"
+        )
+    args.out.write_text("\n".join(header + sections) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""Command line and wiring: the only place that builds components and connects them.
+
+``python main.py`` is ``python main.py run``: the trading daemon (paper mode by
+default). ``python main.py status`` reads the journal, also while the daemon runs.
+Exit codes: 0 clean stop, 1 runtime failure, 2 invalid input (settings, data,
+a foreign or newer journal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+import structlog
+
+from config.settings import Settings, SettingsError, load_settings
+from execution.broker import Position, Side
+from execution.paper import PaperBroker, specs_from_settings
+from execution.risk import RiskManager
+from market_data.feeds import FrameSource, ReplayFeed
+from market_data.loaders import DataFileError, load_bars
+from market_data.synthetic import SyntheticMarket
+from ml.predictor_map import PredictorMap
+from strategy.baseline import MomentumBaseline
+from strategy.engine import LAST_BAR_KEY, RISK_STATE_KEY, TradingEngine
+from strategy.features import FeatureSpec
+from strategy.scalper import CRASH_ENV, CrashPoint, ScalpingStrategy
+from utils.clock import Clock, SystemClock, iso_utc, parse_iso_utc
+from utils.logsetup import configure_logging
+from utils.tasks import TaskSupervisor
+from utils.trade_journal import Journal, JournalError, JournalSummary, summary
+
+log = structlog.get_logger("main")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+SYNTHETIC_BASE_PRICES = {"EURUSD": 1.10, "GBPUSD": 1.27, "XAUUSD": 2050.0}
+
+
+class InvalidInput(Exception):
+    """Bad settings, data files or journal: exit code 2, nothing started."""
+
+
+# -- wiring -----------------------------------------------------------------------------
+
+
+def _replay_sources(settings: Settings) -> dict[str, FrameSource]:
+    """One frame source per symbol: the synthetic market, or CSV files."""
+    timeframe_s = settings.trading.timeframe_s
+    symbols = settings.trading.symbols
+    data = settings.paper.data
+    sources: dict[str, FrameSource] = {}
+    if data == "synthetic":
+        start = parse_iso_utc(settings.paper.synthetic_start)
+        for index, symbol in enumerate(symbols):
+            spec = settings.symbols[symbol]
+            market = SyntheticMarket(
+                symbol=symbol,
+                seed=settings.paper.synthetic_seed * 1000 + index,
+                start=start,
+                timeframe_s=timeframe_s,
+                base_price=SYNTHETIC_BASE_PRICES.get(symbol, 1.0),
+                point=spec.point,
+                base_spread_points=max(1, spec.default_spread_points),
+            )
+            sources[symbol] = market.generate
+        return sources
+    if "{symbol}" not in data and len(symbols) > 1:
+        raise InvalidInput(
+            f"paper.data = {data!r} is one file but trading.symbols has {len(symbols)} symbols; "
+            "use a pattern such as 'data/{symbol}_M1.csv'"
+        )
+    for symbol in symbols:
+        path = Path(data.replace("{symbol}", symbol))
+        try:
+            loaded = load_bars(
+                path,
+                server_timezone=settings.broker.server_timezone,
+                timeframe=settings.trading.timeframe,
+            )
+        except DataFileError as exc:
+            raise InvalidInput(str(exc)) from None
+        sources[symbol] = _whole_frame(loaded.frame)
+    return sources
+
+
+def _whole_frame(frame: pd.DataFrame) -> FrameSource:
+    """A file is finite: every request gets the whole of it."""
+    return lambda _n: frame
+
+
+def _restore_paper_broker(settings: Settings, journal: Journal) -> PaperBroker:
+    specs = specs_from_settings({s: settings.symbols[s] for s in settings.trading.symbols})
+    broker = PaperBroker(
+        specs,
+        account_currency=settings.paper.account_currency,
+        initial_balance=settings.paper.initial_balance,
+        leverage=settings.paper.leverage,
+        slippage_points=settings.paper.slippage_points,
+        commission_per_lot=settings.paper.commission_per_lot,
+        timeframe_s=settings.trading.timeframe_s,
+        default_spread_points={
+            s: settings.symbols[s].default_spread_points for s in settings.trading.symbols
+        },
+    )
+    open_trades = journal.open_trades()
+    realized = journal.realized_pnl()
+    # The open commission was charged to the balance when the position opened.
+    balance = settings.paper.initial_balance + realized + sum(t.commission for t in open_trades)
+    unknown = [t.client_order_id for t in open_trades if t.broker_position_id is None]
+    if unknown:
+        raise InvalidInput(
+            f"{settings.storage.journal_path}: open paper trades {unknown} have no position id; "
+            "the journal was not written by the paper broker (close them in the journal first)"
+        )
+    positions = [
+        Position(
+            position_id=int(t.broker_position_id or 0),
+            symbol=t.symbol,
+            side=Side(t.side),
+            volume=t.volume,
+            open_price=t.open_price,
+            open_time=t.open_time,
+            sl=t.sl,
+            tp=t.tp,
+            client_order_id=t.client_order_id,
+            commission=t.commission,
+        )
+        for t in open_trades
+    ]
+    next_id = int(journal.max_position_id() or 0) + 1
+    broker.restore(balance, positions, next_position_id=next_id, next_deal_id=next_id)
+    if open_trades or realized:
+        log.info(
+            "paper_state_restored",
+            balance=round(balance, 2),
+            open_positions=len(positions),
+            realized_pnl=round(realized, 2),
+        )
+    return broker
+
+
+@dataclass
+class Daemon:
+    """Everything one running daemon is made of, wired once."""
+
+    settings: Settings
+    clock: Clock
+    journal: Journal
+    broker: PaperBroker
+    feed: ReplayFeed
+    risk: RiskManager
+    predictors: PredictorMap
+    strategy: ScalpingStrategy
+    engine: TradingEngine
+    resumed_after: dict[str, datetime]
+
+
+async def start_daemon(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    max_bars: int | None = None,
+    duration_s: float | None = None,
+) -> Daemon:
+    """Crash-only start-up: the same path after a clean stop and after a crash.
+
+    Opens (and checks) the journal, rebuilds the paper account and open positions
+    from it, resumes the replay after the last processed bar, loads the predictor
+    set and warms the features. Raises ``InvalidInput`` for bad data or journals.
+    """
+    clock = clock or SystemClock()
+    if settings.broker.kind != "paper":
+        raise InvalidInput(
+            f"broker.kind = {settings.broker.kind!r}: the MetaTrader 5 adapter is not part of "
+            "this build yet; use broker.kind = 'paper'"
+        )
+    journal = Journal(
+        settings.storage.journal_path, clock=clock, batch_max=settings.storage.journal_batch_max
+    )
+    try:
+        journal.open()
+    except JournalError as exc:
+        raise InvalidInput(str(exc)) from None
+    try:
+        broker = _restore_paper_broker(settings, journal)
+        sources = _replay_sources(settings)
+        resume: dict[str, datetime] = {}
+        for symbol in settings.trading.symbols:
+            last = journal.get_state(LAST_BAR_KEY + symbol)
+            if last:
+                resume[symbol] = parse_iso_utc(str(last))
+        try:
+            feed = ReplayFeed(
+                sources,
+                clock=clock,
+                bars_per_s=settings.paper.replay_bars_per_s,
+                history_bars=max(settings.paper.history_bars, settings.strategy.warmup_bars),
+                resume_after=resume,
+            )
+        except ValueError as exc:
+            raise InvalidInput(f"paper.data = {settings.paper.data!r}: {exc}") from None
+        risk = RiskManager(settings.risk, account_currency=settings.paper.account_currency)
+        risk_state = journal.get_state(RISK_STATE_KEY)
+        if isinstance(risk_state, dict):
+            risk.restore(risk_state)
+        spec = FeatureSpec()
+        predictors = PredictorMap()
+        for symbol in settings.trading.symbols:
+            predictors.swap(symbol, "baseline", MomentumBaseline(spec))
+        crash = CrashPoint(os.environ.get(CRASH_ENV))
+        strategy = ScalpingStrategy(
+            settings=settings,
+            broker=broker,
+            risk=risk,
+            journal=journal,
+            predictors=predictors,
+            specs={s: await broker.symbol_spec(s) for s in settings.trading.symbols},
+            clock=clock,
+            feature_spec=spec,
+            mode="paper",
+            crash=crash,
+        )
+        engine = TradingEngine(
+            feed=feed,
+            strategy=strategy,
+            broker=broker,
+            journal=journal,
+            clock=clock,
+            risk=risk,
+            equity_every_bars=settings.storage.equity_snapshot_every_bars,
+            max_bars=max_bars,
+            duration_s=duration_s,
+            crash=crash,
+        )
+        for pos in await broker.positions():
+            engine.remember_position(pos.position_id, pos.client_order_id)
+        await broker.connect()
+        engine.warm_up()
+    except BaseException:
+        journal.close()
+        raise
+    return Daemon(
+        settings, clock, journal, broker, feed, risk, predictors, strategy, engine, resume
+    )
+
+
+async def serve(
+    daemon: Daemon, *, stop: asyncio.Event | None = None, install_signals: bool = True
+) -> int:
+    """Trade until the feed ends, a limit is reached or a stop is requested; then stop cleanly."""
+    settings, journal, strategy, engine = (
+        daemon.settings,
+        daemon.journal,
+        daemon.strategy,
+        daemon.engine,
+    )
+    stop = stop or asyncio.Event()
+    failure: list[str] = []
+
+    def on_failure(name: str, exc: BaseException) -> None:
+        failure.append(name)
+        stop.set()
+
+    tasks = TaskSupervisor(on_failure=on_failure)
+    # Handlers first: a signal that arrives once "ready" is announced must stop cleanly.
+    restore_signals = _install_signal_handlers(stop) if install_signals else (lambda: None)
+    journal.record_event(
+        "info",
+        "daemon_started",
+        f"paper daemon started on {', '.join(settings.trading.symbols)}",
+        {
+            "settings": settings.public_dict(),
+            "resumed_after": {k: iso_utc(v) for k, v in daemon.resumed_after.items()},
+        },
+    )
+    log.info(
+        "daemon_ready",
+        broker=settings.broker.kind,
+        symbols=list(settings.trading.symbols),
+        journal=str(settings.storage.journal_path),
+        resumed=bool(daemon.resumed_after),
+        predictors=daemon.predictors.versions(),
+        replay_bars_per_s=settings.paper.replay_bars_per_s,
+    )
+    reason = "failure"
+    try:
+        run_task = tasks.create(engine.run(stop), name="engine")
+        stop_task = tasks.create(stop.wait(), name="stop-wait")
+        await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not run_task.done():
+            # A signal: the bar in progress finishes; no new entries from here on.
+            strategy.entries_halted = "shutting down"
+            await asyncio.wait({run_task})
+        if not failure and not run_task.cancelled() and run_task.exception() is None:
+            reason = run_task.result()
+    finally:
+        restore_signals()
+        await tasks.cancel_all()
+        try:
+            if engine.stats.last_bar_time is not None:
+                await engine.snapshot_equity(engine.stats.last_bar_time)
+            account = await daemon.broker.account()
+            journal.record_event(
+                "info" if not failure else "error",
+                "daemon_stopped",
+                f"stopped: {reason}",
+                {"bars": engine.stats.bars, "equity": account.equity},
+            )
+            log.info(
+                "daemon_stopped",
+                reason=reason,
+                bars=engine.stats.bars,
+                entries=strategy.status.entries,
+                exits=strategy.status.exits,
+                balance=round(account.balance, 2),
+                equity=round(account.equity, 2),
+            )
+            await daemon.broker.close()
+        finally:
+            await journal.flush()
+    return EXIT_FAILURE if failure else EXIT_OK
+
+
+async def run_daemon(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    max_bars: int | None = None,
+    duration_s: float | None = None,
+    install_signals: bool = True,
+    stop: asyncio.Event | None = None,
+) -> int:
+    daemon = await start_daemon(settings, clock=clock, max_bars=max_bars, duration_s=duration_s)
+    try:
+        return await serve(daemon, stop=stop, install_signals=install_signals)
+    finally:
+        daemon.journal.close()
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+    """SIGINT/SIGTERM (and Ctrl-Break on Windows) all mean: stop cleanly."""
+    loop = asyncio.get_running_loop()
+    names = ["SIGINT", "SIGTERM", "SIGBREAK"]
+    sigs = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    installed: list[tuple[signal.Signals, object]] = []
+    for sig in sigs:
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append((sig, None))
+        except (NotImplementedError, RuntimeError):
+            # Windows has no add_signal_handler: a plain handler wakes the loop thread-safely.
+            previous = signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
+            installed.append((sig, previous))
+
+    def restore() -> None:
+        for sig, previous in installed:
+            if previous is None:
+                loop.remove_signal_handler(sig)
+            else:
+                signal.signal(sig, previous)  # type: ignore[arg-type]
+
+    return restore
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+def cmd_status(journal_path: Path, *, check: bool, clock: Clock, out: TextIO | None = None) -> int:
+    stream = out or sys.stdout
+    if not journal_path.exists():
+        print(
+            f"{journal_path}: no journal here yet; run the daemon first or pass --journal PATH",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    try:
+        conn = Journal.open_reader(journal_path)
+    except JournalError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        if check:
+            result = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+            ok = result == ["ok"]
+            print(f"integrity_check: {'ok' if ok else '; '.join(result)}", file=stream)
+            if not ok:
+                return EXIT_FAILURE
+        market_now = _market_now(conn) or clock.now()
+        text = format_summary(summary(conn, market_now), wall_now=clock.now())
+    finally:
+        conn.close()
+    print(text, file=stream)
+    return EXIT_OK
+
+
+def _market_now(conn: sqlite3.Connection) -> datetime | None:
+    """The open time of the latest processed bar: "today" in a replay is the market's day."""
+    rows = conn.execute(
+        "SELECT value FROM state WHERE substr(key, 1, ?) = ?", (len(LAST_BAR_KEY), LAST_BAR_KEY)
+    ).fetchall()
+    times = [parse_iso_utc(json.loads(r[0])) for r in rows]
+    return max(times) if times else None
+
+
+def format_summary(s: JournalSummary, *, wall_now: datetime) -> str:
+    """Plain text so it reads the same in a terminal, a log and an e-mail."""
+    lines = [f"journal schema v{s.schema_version}, market time {iso_utc(s.now)}"]
+    eq = s.last_equity
+    if eq is not None:
+        lines.append(
+            f"equity {eq.equity:,.2f}  balance {eq.balance:,.2f}  margin {eq.margin:,.2f}  "
+            f"free margin {eq.free_margin:,.2f}  (snapshot at {iso_utc(eq.time)})"
+        )
+    else:
+        lines.append("equity: no snapshot yet")
+    if s.heartbeat is not None:
+        age = (wall_now - parse_iso_utc(s.heartbeat)).total_seconds()
+        lines.append(f"daemon heartbeat: {s.heartbeat} ({age:,.0f} s ago)")
+    else:
+        lines.append("daemon heartbeat: never")
+    lines.append(f"open positions: {len(s.open_trades)}")
+    for t in s.open_trades:
+        lines.append(
+            f"  {t.symbol} {t.side} {t.volume:g} @ {t.open_price} sl {t.sl} tp {t.tp} "
+            f"since {iso_utc(t.open_time)} id {t.client_order_id}"
+        )
+    rate = "-" if s.win_rate_today is None else f"{s.win_rate_today:.0%}"
+    lines.append(
+        f"today: {s.trades_today} closed trades, {s.wins_today} won, win rate {rate}, "
+        f"net P&L {s.pnl_today:,.2f}"
+    )
+    lines.append(f"all time: {s.trades_total} closed trades, net P&L {s.pnl_total:,.2f}")
+    if not s.last_errors:
+        lines.append("last errors: none")
+    else:
+        lines.append("last errors:")
+        for e in s.last_errors:
+            lines.append(f"  {iso_utc(e.time)} {e.level} {e.kind}: {e.message}")
+    return "\n".join(lines)
+
+
+# -- CLI --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None, help="settings file (TOML)")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the trading daemon (the default command)")
+    run.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
+    run.add_argument("--max-bars", type=int, default=None, help="stop after N bars")
+    run.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    status = sub.add_parser("status", help="equity, positions, today's trades, last errors")
+    status.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
+    status.add_argument("--journal", type=Path, default=None, help="journal file to read")
+    status.add_argument("--check", action="store_true", help="run PRAGMA integrity_check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    for name in ("max_bars", "duration"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(f"--{name.replace('_', '-')} must be > 0 (got {value})", file=sys.stderr)
+            return EXIT_INVALID
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_INVALID
+    configure_logging(settings.logging.level, settings.logging.format)
+    if command == "status":
+        path = args.journal or Path(settings.storage.journal_path)
+        return cmd_status(path, check=args.check, clock=SystemClock())
+    try:
+        return asyncio.run(
+            run_daemon(
+                settings,
+                max_bars=getattr(args, "max_bars", None),
+                duration_s=getattr(args, "duration", None),
+            )
+        )
+    except InvalidInput as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

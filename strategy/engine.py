@@ -1,0 +1,147 @@
+"""The trading kernel: feed -> broker simulation -> strategy -> journal, bar by bar.
+
+The same kernel serves the paper daemon, live trading and (later) backtests;
+only the feed, the broker and the clock differ. It owns no I/O of its own:
+journal writes are queued to the journal's writer thread, broker calls are the
+broker's business.
+
+Ordering matters for crash safety. For each bar: the broker learns the bar
+(SL/TP fills), closed deals are journaled, the strategy decides (its trade
+writes are awaited), and only then is the bar recorded as processed in
+``state``. The journal commits writes in submission order, so after a crash
+the last processed bar never runs ahead of the trades it produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from execution.broker import BarDrivenBroker, Broker
+from execution.risk import RiskManager
+from market_data.bars import Bar
+from market_data.feeds import ReplayFeed
+from strategy.scalper import CrashPoint, ScalpingStrategy
+from utils.clock import Clock, iso_utc
+from utils.trade_journal import Journal
+
+log = structlog.get_logger(__name__)
+
+HEARTBEAT_KEY = "daemon.heartbeat"
+LAST_BAR_KEY = "feed.last_bar_time."
+RISK_STATE_KEY = "risk.state"
+
+
+@dataclass
+class EngineStats:
+    bars: int = 0
+    stop_reason: str = ""
+    last_bar_time: datetime | None = None  # market time
+
+
+class TradingEngine:
+    def __init__(
+        self,
+        *,
+        feed: ReplayFeed,
+        strategy: ScalpingStrategy,
+        broker: Broker,
+        journal: Journal,
+        clock: Clock,
+        risk: RiskManager,
+        equity_every_bars: int,
+        max_bars: int | None = None,
+        duration_s: float | None = None,
+        heartbeat_every_s: float = 5.0,
+        crash: CrashPoint | None = None,
+    ) -> None:
+        self._feed = feed
+        self._strategy = strategy
+        self._broker = broker
+        self._journal = journal
+        self._clock = clock
+        self._risk = risk
+        self._last_risk_state: object = None
+        self._equity_every = equity_every_bars
+        self._max_bars = max_bars
+        self._duration_s = duration_s
+        self._heartbeat_every_s = heartbeat_every_s
+        self._crash = crash or CrashPoint(None)
+        self._open_coids: dict[int, str] = {}
+        self.stats = EngineStats()
+
+    def remember_position(self, position_id: int, client_order_id: str) -> None:
+        self._open_coids[position_id] = client_order_id
+
+    def warm_up(self) -> int:
+        history = self._feed.history()
+        for bar in history:
+            self._strategy.warm(bar)
+        return len(history)
+
+    async def run(self, stop: asyncio.Event) -> str:
+        started = self._clock.monotonic()
+        last_heartbeat = -1e18
+        bars = self._feed.bars()
+        try:
+            async for bar in bars:
+                await self._process(bar)
+                self.stats.bars += 1
+                self.stats.last_bar_time = bar.time
+                now_mono = self._clock.monotonic()
+                if now_mono - last_heartbeat >= self._heartbeat_every_s:
+                    last_heartbeat = now_mono
+                    self._journal.set_state(HEARTBEAT_KEY, iso_utc(self._clock.now()))
+                self._crash.hit("bar")
+                if stop.is_set():
+                    return self._stopped("signal")
+                if self._max_bars is not None and self.stats.bars >= self._max_bars:
+                    return self._stopped(f"max_bars={self._max_bars}")
+                if self._duration_s is not None and now_mono - started >= self._duration_s:
+                    return self._stopped(f"duration={self._duration_s}s")
+        finally:
+            await bars.aclose()
+        return self._stopped("replay finished")
+
+    def _stopped(self, reason: str) -> str:
+        self.stats.stop_reason = reason
+        return reason
+
+    async def _process(self, bar: Bar) -> None:
+        if isinstance(self._broker, BarDrivenBroker):
+            await self._broker.on_bar(bar)
+        deals = await self._broker.drain_closed_deals()
+        if deals:
+            await self._strategy.record_closed_deals(deals, self._open_coids)
+            for deal in deals:
+                self._open_coids.pop(deal.position_id, None)
+        entries_before = self._strategy.status.entries
+        await self._strategy.on_bar(bar)
+        if self._strategy.status.entries != entries_before or deals:
+            await self._refresh_open_coids()
+        self._journal.set_state(LAST_BAR_KEY + bar.symbol, iso_utc(bar.time))
+        risk_state = self._risk.state()
+        if risk_state != self._last_risk_state:
+            self._last_risk_state = risk_state
+            self._journal.set_state(RISK_STATE_KEY, risk_state)
+        if self.stats.bars % self._equity_every == 0:
+            await self.snapshot_equity(bar.time)
+
+    async def _refresh_open_coids(self) -> None:
+        for pos in await self._broker.positions():
+            self._open_coids[pos.position_id] = pos.client_order_id
+
+    async def snapshot_equity(self, market_time: datetime) -> None:
+        account = await self._broker.account()
+        positions = await self._broker.positions()
+        self._journal.record_equity(
+            time=market_time,
+            balance=account.balance,
+            equity=account.equity,
+            margin=account.margin,
+            free_margin=account.free_margin,
+            open_positions=len(positions),
+        )

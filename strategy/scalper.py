@@ -1,0 +1,451 @@
+"""The scalping strategy: one decision per closed bar per symbol.
+
+On each bar: update the symbol's features, take one snapshot of the predictor
+map, combine the class probabilities, manage exits (maximum holding time,
+opposite signal; SL/TP are the broker's), then filter, size and send an entry.
+Every request and result goes to the journal; a trade is journaled (and the
+write awaited, so it is durable) before the next bar is looked at.
+
+Client order ids are derived from (mode, symbol, action, bar time): the same
+decision made again after a crash gets the same id, and the journal's unique
+key turns the repeat into a no-op instead of a second trade.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import structlog
+
+from config.settings import Settings
+from execution.broker import Broker, Deal, OrderRequest, OrderResult, Position, Side, SymbolSpec
+from execution.retcodes import name as retcode_name
+from execution.risk import RiskManager
+from market_data.bars import Bar
+from ml.predictor_map import PredictorMap
+from strategy.ensemble import EnsembleResult, predict_all
+from strategy.features import FeatureEngine, FeatureSpec
+from utils.clock import Clock
+from utils.trade_journal import Journal, PredictionRow, TradeClose, TradeOpen
+
+log = structlog.get_logger(__name__)
+
+CRASH_ENV = "SCALPER_CRASH_AT"
+
+
+def client_order_id(mode: str, symbol: str, action: str, when: datetime) -> str:
+    """16 upper-case letters/digits, deterministic for one decision (CONVENTIONS: Orders)."""
+    digest = hashlib.sha256(f"{mode}|{symbol}|{action}|{when.isoformat()}".encode()).digest()
+    return base64.b32encode(digest).decode("ascii")[:16]
+
+
+class CrashPoint:
+    """Deterministic self-kill for crash tests: ``SCALPER_CRASH_AT=<point>:<count>``.
+
+    ``point`` is ``bar`` (after a bar is fully processed) or ``order`` (after the
+    broker filled an order, before the journal has it: the worst moment).
+    """
+
+    def __init__(self, spec: str | None) -> None:
+        self.point: str | None = None
+        self.count = 0
+        if spec:
+            point, _, count = spec.partition(":")
+            self.point, self.count = point, int(count)
+
+    def hit(self, point: str) -> None:
+        if self.point != point:
+            return
+        self.count -= 1
+        if self.count <= 0:
+            log.warning("crash_point_reached", point=point)
+            if hasattr(signal, "SIGKILL"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(137)
+
+
+@dataclass
+class StrategyStatus:
+    bars: int = 0
+    entries: int = 0
+    exits: int = 0
+    last_skip: str | None = None
+    flat_reason: str | None = None
+    # Recent timings (bounded): features + predictors + ensemble, and the whole bar
+    # including exits, risk checks and order sending.
+    decision_us: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    bar_us: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+class ScalpingStrategy:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        broker: Broker,
+        risk: RiskManager,
+        journal: Journal,
+        predictors: PredictorMap,
+        specs: Mapping[str, SymbolSpec],
+        clock: Clock,
+        feature_spec: FeatureSpec,
+        mode: str,
+        weights: Mapping[str, float] | None = None,
+        timer: Callable[[], int] = time.perf_counter_ns,
+        crash: CrashPoint | None = None,
+    ) -> None:
+        self._s = settings
+        self._broker = broker
+        self._risk = risk
+        self._journal = journal
+        self._predictors = predictors
+        self._specs = dict(specs)
+        self._clock = clock
+        self._spec = feature_spec
+        self._mode = mode
+        self._weights = dict(weights or {})
+        self._timer = timer
+        self._crash = crash or CrashPoint(None)
+        self._atr_idx = feature_spec.index("atr")
+        self._timeframe_s = settings.trading.timeframe_s
+        self._engines = {
+            sym: FeatureEngine(
+                feature_spec,
+                point=spec.point,
+                default_spread_points=settings.symbols[sym].default_spread_points
+                if sym in settings.symbols
+                else 0,
+            )
+            for sym, spec in self._specs.items()
+        }
+        self._failing: set[tuple[str, str]] = set()
+        self.entries_halted: str | None = None  # set by operational errors / shutdown
+        self.status = StrategyStatus()
+
+    # -- bars -------------------------------------------------------------------------
+
+    def warm(self, bar: Bar) -> None:
+        """Feed a history bar to the features only (no predictions, no orders)."""
+        self._engines[bar.symbol].update(bar)
+
+    async def on_bar(self, bar: Bar) -> None:
+        t0 = self._timer()
+        self.status.bars += 1
+        row = self._engines[bar.symbol].update(bar)
+        if row is None:
+            return
+        predictors = self._predictors.snapshot(bar.symbol)
+        result = predict_all(predictors, row, self._weights, self._timer)
+        self.status.decision_us.append((self._timer() - t0) / 1000.0)
+        self._report_failures(bar, result)
+        positions = await self._broker.positions()
+        await self._manage_exits(bar, result, [p for p in positions if p.symbol == bar.symbol])
+        await self._maybe_enter(
+            bar, row, result, positions, only_baseline=_only_baseline(predictors)
+        )
+        self.status.bar_us.append((self._timer() - t0) / 1000.0)
+        self._record_predictions(bar, result)
+
+    # -- exits ------------------------------------------------------------------------
+
+    async def _manage_exits(
+        self, bar: Bar, result: EnsembleResult, positions: list[Position]
+    ) -> None:
+        for pos in positions:
+            held = self.bars_held(pos, bar)
+            reason = None
+            if held >= self._s.strategy.max_holding_bars:
+                reason = "max_holding"
+            elif self._s.strategy.close_on_opposite_signal and result.proba is not None:
+                side = self._signal(result.proba)
+                if side is not None and side is pos.side.opposite():
+                    reason = "opposite_signal"
+            if reason is not None:
+                await self.close(pos, reason, bar)
+
+    def bars_held(self, pos: Position, bar: Bar) -> int:
+        return int((bar.time - pos.open_time).total_seconds() // self._timeframe_s)
+
+    async def close(self, pos: Position, reason: str, bar: Bar) -> OrderResult:
+        coid = client_order_id(self._mode, pos.symbol, f"close{pos.position_id}", bar.time)
+        result = await self._broker.close_position(pos, coid)
+        self._record_order(
+            "close", pos.side.opposite(), pos.volume, None, None, pos.position_id, result
+        )
+        if result.ok:
+            self.status.exits += 1
+            await self._journal.close_trade(
+                TradeClose(
+                    client_order_id=pos.client_order_id,
+                    close_time=result.time or bar.time,
+                    close_price=float(result.price or 0.0),
+                    close_reason=reason,
+                    profit=result.profit,
+                    commission=result.commission,
+                    swap=result.swap,
+                    bars_held=self.bars_held(pos, bar),
+                )
+            )
+            log.info(
+                "position_closed",
+                symbol=pos.symbol,
+                position_id=pos.position_id,
+                reason=reason,
+                price=result.price,
+                profit=round(result.profit + result.commission, 2),
+            )
+        else:
+            log.warning(
+                "close_rejected",
+                symbol=pos.symbol,
+                position_id=pos.position_id,
+                retcode=result.retcode,
+                retcode_name=retcode_name(result.retcode),
+            )
+        return result
+
+    async def record_closed_deals(
+        self, deals: Iterable[Deal], open_positions: Mapping[int, str]
+    ) -> None:
+        """Journal positions the broker closed by itself (SL/TP, external)."""
+        for deal in deals:
+            coid = deal.client_order_id or open_positions.get(deal.position_id, "")
+            if not coid:
+                log.error("closed_deal_unknown_position", position_id=deal.position_id)
+                self._journal.record_event(
+                    "error",
+                    "unknown_position_closed",
+                    f"the broker closed position {deal.position_id}, unknown to the journal",
+                    {"deal_id": deal.deal_id, "symbol": deal.symbol},
+                )
+                continue
+            self.status.exits += 1
+            await self._journal.close_trade(
+                TradeClose(
+                    client_order_id=coid,
+                    close_time=deal.time,
+                    close_price=deal.price,
+                    close_reason=deal.reason.value,
+                    profit=deal.profit,
+                    commission=deal.commission,
+                    swap=deal.swap,
+                    bars_held=None,
+                )
+            )
+            log.info(
+                "position_closed",
+                symbol=deal.symbol,
+                position_id=deal.position_id,
+                reason=deal.reason.value,
+                price=deal.price,
+                profit=round(deal.profit + deal.commission + deal.swap, 2),
+            )
+
+    # -- entries ----------------------------------------------------------------------
+
+    def _signal(self, proba: np.ndarray) -> Side | None:
+        p_down, _p_flat, p_up = (float(x) for x in proba)
+        min_conf = self._s.strategy.min_confidence
+        if p_up >= min_conf and p_up > p_down:
+            return Side.BUY
+        if p_down >= min_conf and p_down > p_up:
+            return Side.SELL
+        return None
+
+    def _skip(self, reason: str) -> None:
+        self.status.last_skip = reason
+
+    async def _maybe_enter(
+        self,
+        bar: Bar,
+        row: np.ndarray,
+        result: EnsembleResult,
+        positions: list[Position],
+        *,
+        only_baseline: bool,
+    ) -> None:
+        if self.entries_halted:
+            self.status.flat_reason = self.entries_halted
+            return
+        if result.proba is None:
+            self.status.flat_reason = "no predictor answered for this bar"
+            return
+        if only_baseline and not self._s.trade_without_models:
+            self.status.flat_reason = (
+                "no validated model yet and strategy.trade_without_models is false"
+            )
+            return
+        self.status.flat_reason = None
+        side = self._signal(result.proba)
+        if side is None:
+            return
+        spec = self._specs[bar.symbol]
+        account = await self._broker.account()
+        spread_points = bar.spread or self._s.symbols[bar.symbol].default_spread_points
+        decision = self._risk.check_entry(
+            symbol=bar.symbol,
+            bar_time=bar.time,
+            spread_points=spread_points,
+            open_positions_symbol=sum(1 for p in positions if p.symbol == bar.symbol),
+            open_positions_total=len(positions),
+            equity=account.equity,
+        )
+        if not decision.allowed:
+            self._skip(decision.reason or "risk check refused")
+            return
+        entry = bar.close + (spread_points * spec.point if side is Side.BUY else 0.0)
+        stop = self._risk.stop_distance(float(row[self._atr_idx]), spec)
+        size = self._risk.size(account.equity, spec, entry, stop)
+        if size.volume <= 0:
+            self._skip(size.reason or "position size is zero")
+            return
+        sl, tp = self._risk.sl_tp(side, entry, stop, spec)
+        coid = client_order_id(self._mode, bar.symbol, "open", bar.time)
+        request = OrderRequest(coid, bar.symbol, side, size.volume, sl, tp, None, "entry")
+        result_order = await self._broker.market_order(request)
+        self._crash.hit("order")
+        self._record_order("open", side, size.volume, sl, tp, None, result_order)
+        if not result_order.ok:
+            self._skip(f"order rejected: {retcode_name(result_order.retcode)}")
+            log.warning(
+                "order_rejected",
+                symbol=bar.symbol,
+                side=side.value,
+                volume=size.volume,
+                retcode=result_order.retcode,
+                retcode_name=retcode_name(result_order.retcode),
+            )
+            return
+        confidence = float(result.proba[2] if side is Side.BUY else result.proba[0])
+        model_set = ",".join(f"{o.kind}:{o.version}" for o in result.outputs)
+        await self._journal.open_trade(
+            TradeOpen(
+                client_order_id=coid,
+                symbol=bar.symbol,
+                side=side.value,
+                volume=result_order.volume or size.volume,
+                open_time=result_order.time or bar.time,
+                open_price=float(result_order.price or entry),
+                sl=sl,
+                tp=tp,
+                broker_position_id=result_order.position_id,
+                commission=result_order.commission,
+                confidence=confidence,
+                model_set=model_set,
+                mode=self._mode,
+            )
+        )
+        self.status.entries += 1
+        log.info(
+            "position_opened",
+            symbol=bar.symbol,
+            side=side.value,
+            volume=result_order.volume,
+            price=result_order.price,
+            sl=sl,
+            tp=tp,
+            confidence=round(confidence, 3),
+            models=model_set,
+        )
+
+    # -- journal helpers --------------------------------------------------------------
+
+    def _record_order(
+        self,
+        action: str,
+        side: Side,
+        volume: float,
+        sl: float | None,
+        tp: float | None,
+        position_id: int | None,
+        result: OrderResult,
+    ) -> None:
+        req = result.request
+        self._journal.record_order(
+            time=self._clock.now(),
+            client_order_id=result.client_order_id,
+            symbol=req.symbol,
+            action=action,
+            side=side.value,
+            volume=volume,
+            price=None,
+            sl=sl,
+            tp=tp,
+            position_id=position_id,
+            retcode=result.retcode,
+            retcode_name=retcode_name(result.retcode),
+            result_price=result.price,
+            result_volume=result.volume,
+            comment=result.comment,
+            request={
+                "symbol": req.symbol,
+                "side": req.side.value,
+                "volume": req.volume,
+                "sl": req.sl,
+                "tp": req.tp,
+                "position_id": req.position_id,
+                "comment": req.comment,
+            },
+            result={
+                "retcode": result.retcode,
+                "position_id": result.position_id,
+                "deal_id": result.deal_id,
+                "price": result.price,
+                "volume": result.volume,
+                "commission": result.commission,
+                "profit": result.profit,
+            },
+        )
+
+    def _record_predictions(self, bar: Bar, result: EnsembleResult) -> None:
+        if not result.outputs:
+            return
+        now = self._clock.now()
+        rows = [
+            PredictionRow(
+                time=now,
+                bar_time=bar.time,
+                symbol=bar.symbol,
+                model=o.kind,
+                version=o.version,
+                stage="production",
+                p_down=float(o.proba[0]),
+                p_flat=float(o.proba[1]),
+                p_up=float(o.proba[2]),
+                latency_us=o.latency_us,
+            )
+            for o in result.outputs
+        ]
+        self._journal.record_predictions(rows)
+
+    def _report_failures(self, bar: Bar, result: EnsembleResult) -> None:
+        failed_now = {(bar.symbol, kind) for kind, _ in result.failures}
+        for kind, error in result.failures:
+            if (bar.symbol, kind) not in self._failing:
+                log.error("model_dropped", symbol=bar.symbol, kind=kind, error=error)
+                self._journal.record_event(
+                    "error",
+                    "model_dropped",
+                    f"{bar.symbol} {kind}: predict failed, dropped from the ensemble ({error})",
+                    {"symbol": bar.symbol, "kind": kind, "bar_time": bar.time.isoformat()},
+                )
+        answered = {(bar.symbol, o.kind) for o in result.outputs}
+        for key in sorted((self._failing & answered) - failed_now):
+            log.info("model_recovered", symbol=key[0], kind=key[1])
+            self._journal.record_event(
+                "info", "model_recovered", f"{key[0]} {key[1]}: predicting again", None
+            )
+        self._failing = (self._failing - answered) | failed_now
+
+
+def _only_baseline(predictors: Mapping[str, object]) -> bool:
+    return all(kind == "baseline" for kind in predictors)
