@@ -20,9 +20,19 @@ from strategy.features import FeatureSpec
 CLASSES: tuple[str, str, str] = ("down", "flat", "up")
 
 
+class PredictorNotReady(Exception):
+    """A sequence model has not seen enough rows yet: skip it for this bar, silently."""
+
+
 @runtime_checkable
 class Predictor(Protocol):
-    """What the strategy asks of every model kind: class probabilities for one row."""
+    """What the strategy asks of every model kind: class probabilities for one row.
+
+    One instance serves one symbol. ``predict_proba`` is called once per closed
+    bar with that bar's feature row; a sequence model appends the row to its own
+    window first (and raises ``PredictorNotReady`` until the window is full).
+    ``observe`` feeds a history row without predicting (warm-up).
+    """
 
     kind: str
     version: str
@@ -31,6 +41,8 @@ class Predictor(Protocol):
     def predict_proba(self, row: np.ndarray) -> np.ndarray:
         """``row``: float32 features in the spec's order -> (3,) probabilities down/flat/up."""
         ...
+
+    def observe(self, row: np.ndarray) -> None: ...
 
 
 class MomentumBaseline:
@@ -42,6 +54,9 @@ class MomentumBaseline:
         self._idx = spec.index("mom_5_atr")
         self._gain = gain
         self._flat_bias = flat_bias
+
+    def observe(self, row: np.ndarray) -> None:
+        """Stateless: history rows change nothing."""
 
     def predict_proba(self, row: np.ndarray) -> np.ndarray:
         z = float(row[self._idx])
