@@ -198,6 +198,7 @@ async def start_daemon(
     try:
         broker = _restore_paper_broker(settings, journal)
         sources = _replay_sources(settings)
+        spec = FeatureSpec()
         resume: dict[str, datetime] = {}
         for symbol in settings.trading.symbols:
             last = journal.get_state(LAST_BAR_KEY + symbol)
@@ -208,7 +209,7 @@ async def start_daemon(
                 sources,
                 clock=clock,
                 bars_per_s=settings.paper.replay_bars_per_s,
-                history_bars=max(settings.paper.history_bars, settings.strategy.warmup_bars),
+                history_bars=max(settings.paper.history_bars, spec.window),
                 resume_after=resume,
             )
         except ValueError as exc:
@@ -217,7 +218,6 @@ async def start_daemon(
         risk_state = journal.get_state(RISK_STATE_KEY)
         if isinstance(risk_state, dict):
             risk.restore(risk_state)
-        spec = FeatureSpec()
         predictors = PredictorMap()
         for symbol in settings.trading.symbols:
             predictors.swap(symbol, "baseline", MomentumBaseline(spec))

@@ -200,7 +200,6 @@ class StrategySettings(_Section):
     close_on_opposite_signal: bool = True
     # None = decided by broker.kind: true for paper, false for mt5/mt5linux.
     trade_without_models: bool | None = None
-    warmup_bars: int = Field(60, ge=20, le=10_000)
 
 
 class StorageSettings(_Section):

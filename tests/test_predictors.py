@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
 import numpy as np
 import pytest
 
-from market_data.bars import Bar
 from ml.predictor_map import PredictorMap
 from strategy.baseline import MomentumBaseline, Predictor
 from strategy.ensemble import ModelOutput, combine, predict_all
-from strategy.features import FeatureEngine, FeatureSpec, compute_rows
+from strategy.features import FeatureSpec
 
 SPEC = FeatureSpec()
 
@@ -130,46 +128,3 @@ def test_snapshots_under_concurrent_swaps_always_hold_one_consistent_set() -> No
     finally:
         thread.join()
     assert pm.snapshot("S")["a"].version == "2000"
-
-
-def make_bars(n: int, seed: int = 3) -> list[Bar]:
-    rng = np.random.default_rng(seed)
-    price = 1.1
-    out = []
-    t0 = datetime(2024, 1, 2, tzinfo=UTC)
-    for i in range(n):
-        o = price
-        c = o * float(np.exp(rng.normal(0, 2e-4)))
-        h = max(o, c) + abs(rng.normal(0, 1e-4))
-        lo = min(o, c) - abs(rng.normal(0, 1e-4))
-        out.append(
-            Bar("EURUSD", t0 + timedelta(minutes=i), o, h, lo, c, int(rng.integers(1, 50)), 8, 0)
-        )
-        price = c
-    return out
-
-
-def test_feature_rows_are_finite_float32_once_warm_and_match_batch_rows() -> None:
-    bars = make_bars(200)
-    engine = FeatureEngine(SPEC, point=1e-5, default_spread_points=10)
-    rows = [engine.update(b) for b in bars]
-    assert all(r is None for r in rows[: SPEC.window - 1])
-    warm = np.stack([r for r in rows if r is not None])
-    assert warm.dtype == np.float32 and np.isfinite(warm).all()
-    batch = compute_rows(SPEC, bars, point=1e-5, default_spread_points=10)
-    np.testing.assert_array_equal(batch[SPEC.window - 1 :], warm)
-    # Hand check: ret_1 is the last log return, atr_points is ATR in points.
-    last = warm[-1]
-    assert last[SPEC.index("ret_1")] == pytest.approx(
-        np.log(bars[-1].close / bars[-2].close), rel=1e-5
-    )
-    assert last[SPEC.index("atr_points")] == pytest.approx(last[SPEC.index("atr")] / 1e-5, rel=1e-5)
-
-
-def test_feature_spec_hash_is_stable_and_changes_with_parameters() -> None:
-    assert FeatureSpec().hash == FeatureSpec().hash
-    assert (
-        FeatureSpec(params={"atr_period": 10, "rsi_period": 14, "z_window": 20}).hash != SPEC.hash
-    )
-    with pytest.raises(KeyError, match="nope"):
-        SPEC.index("nope")
