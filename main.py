@@ -35,11 +35,11 @@ from ml.predictor_map import PredictorMap
 from strategy.baseline import MomentumBaseline
 from strategy.engine import LAST_BAR_KEY, RISK_STATE_KEY, TradingEngine
 from strategy.features import FeatureSpec
-from strategy.scalper import CRASH_ENV, CrashPoint, ScalpingStrategy
+from strategy.scalper import CRASH_ENV, ENTRIES_STATE_KEY, CrashPoint, ScalpingStrategy
 from utils.clock import Clock, SystemClock, iso_utc, parse_iso_utc
 from utils.logsetup import configure_logging
 from utils.tasks import TaskSupervisor
-from utils.trade_journal import Journal, JournalError, JournalSummary, summary
+from utils.trade_journal import Journal, JournalError, JournalSummary, fetch_state, summary
 
 log = structlog.get_logger("main")
 
@@ -76,7 +76,7 @@ def _replay_sources(settings: Settings) -> dict[str, FrameSource]:
                 point=spec.point,
                 base_spread_points=max(1, spec.default_spread_points),
             )
-            sources[symbol] = market.generate
+            sources[symbol] = market.iter_frames
         return sources
     if "{symbol}" not in data and len(symbols) > 1:
         raise InvalidInput(
@@ -98,8 +98,8 @@ def _replay_sources(settings: Settings) -> dict[str, FrameSource]:
 
 
 def _whole_frame(frame: pd.DataFrame) -> FrameSource:
-    """A file is finite: every request gets the whole of it."""
-    return lambda _n: frame
+    """A file is one frame."""
+    return lambda: iter([frame])
 
 
 def _restore_paper_broker(settings: Settings, journal: Journal) -> PaperBroker:
@@ -117,6 +117,14 @@ def _restore_paper_broker(settings: Settings, journal: Journal) -> PaperBroker:
         },
     )
     open_trades = journal.open_trades()
+    orphans = [t for t in open_trades if t.symbol not in settings.trading.symbols]
+    if orphans:
+        listed = ", ".join(f"{t.symbol} {t.client_order_id}" for t in orphans)
+        raise InvalidInput(
+            f"{settings.storage.journal_path}: open paper positions on symbols that "
+            f"trading.symbols no longer lists ({listed}); add the symbols back until those "
+            "positions are closed, or use another storage.journal_path"
+        )
     realized = journal.realized_pnl()
     # The open commission was charged to the balance when the position opened.
     balance = settings.paper.initial_balance + realized + sum(t.commission for t in open_trades)
@@ -188,6 +196,7 @@ async def start_daemon(
             f"broker.kind = {settings.broker.kind!r}: the MetaTrader 5 adapter is not part of "
             "this build yet; use broker.kind = 'paper'"
         )
+    sources = _replay_sources(settings)  # bad data is refused before the journal is touched
     journal = Journal(
         settings.storage.journal_path, clock=clock, batch_max=settings.storage.journal_batch_max
     )
@@ -197,13 +206,18 @@ async def start_daemon(
         raise InvalidInput(str(exc)) from None
     try:
         broker = _restore_paper_broker(settings, journal)
-        sources = _replay_sources(settings)
         spec = FeatureSpec()
         resume: dict[str, datetime] = {}
         for symbol in settings.trading.symbols:
             last = journal.get_state(LAST_BAR_KEY + symbol)
             if last:
                 resume[symbol] = parse_iso_utc(str(last))
+        if resume:
+            # A symbol added to an existing journal joins at the current market time
+            # instead of replaying from its beginning (market time never goes back).
+            now = max(resume.values())
+            for symbol in settings.trading.symbols:
+                resume.setdefault(symbol, now)
         try:
             feed = ReplayFeed(
                 sources,
@@ -247,7 +261,7 @@ async def start_daemon(
             crash=crash,
         )
         for pos in await broker.positions():
-            engine.remember_position(pos.position_id, pos.client_order_id)
+            engine.remember_position(pos)
         await broker.connect()
         engine.warm_up()
     except BaseException:
@@ -272,7 +286,7 @@ async def serve(
     failure: list[str] = []
 
     def on_failure(name: str, exc: BaseException) -> None:
-        failure.append(name)
+        failure.append(f"task {name}: {type(exc).__name__}: {exc}")
         stop.set()
 
     tasks = TaskSupervisor(on_failure=on_failure)
@@ -317,8 +331,8 @@ async def serve(
             journal.record_event(
                 "info" if not failure else "error",
                 "daemon_stopped",
-                f"stopped: {reason}",
-                {"bars": engine.stats.bars, "equity": account.equity},
+                f"stopped: {reason}" + (f" ({'; '.join(failure)})" if failure else ""),
+                {"bars": engine.stats.bars, "equity": account.equity, "failures": failure},
             )
             log.info(
                 "daemon_stopped",
@@ -401,6 +415,9 @@ def cmd_status(journal_path: Path, *, check: bool, clock: Clock, out: TextIO | N
                 return EXIT_FAILURE
         market_now = _market_now(conn) or clock.now()
         text = format_summary(summary(conn, market_now), wall_now=clock.now())
+        entries = fetch_state(conn, ENTRIES_STATE_KEY)
+        if isinstance(entries, dict) and entries.get("blocked"):
+            text += f"\nnew entries blocked since {entries.get('since')}: {entries['blocked']}"
     finally:
         conn.close()
     print(text, file=stream)
@@ -456,14 +473,19 @@ def format_summary(s: JournalSummary, *, wall_now: datetime) -> str:
 # -- CLI --------------------------------------------------------------------------------
 
 
+def _add_run_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--max-bars", type=int, default=default, help="stop after N bars")
+    parser.add_argument("--duration", type=float, default=default, help="stop after S seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=None, help="settings file (TOML)")
+    _add_run_options(parser, None)  # `python main.py --max-bars N` is `run --max-bars N`
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the trading daemon (the default command)")
     run.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
-    run.add_argument("--max-bars", type=int, default=None, help="stop after N bars")
-    run.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    _add_run_options(run, argparse.SUPPRESS)
     status = sub.add_parser("status", help="equity, positions, today's trades, last errors")
     status.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
     status.add_argument("--journal", type=Path, default=None, help="journal file to read")
@@ -476,8 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "run"
     for name in ("max_bars", "duration"):
         value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            print(f"--{name.replace('_', '-')} must be > 0 (got {value})", file=sys.stderr)
+        if value is not None and not (0 < value < float("inf")):
+            print(f"--{name.replace('_', '-')} must be a number > 0 (got {value})", file=sys.stderr)
             return EXIT_INVALID
     try:
         settings = load_settings(args.config)
@@ -488,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "status":
         path = args.journal or Path(settings.storage.journal_path)
         return cmd_status(path, check=args.check, clock=SystemClock())
+    # Until the loop's own handlers are installed, a stop request during start-up
+    # still means a clean exit 0 (Ctrl-C raises KeyboardInterrupt, SIGTERM this).
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         return asyncio.run(
             run_daemon(
@@ -499,8 +524,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INVALID
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _StopRequested):
+        log.info("daemon_stopped", reason="stop requested during start-up")
         return EXIT_OK
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _StopRequested(Exception):
+    """SIGTERM before the event loop took over signal handling."""
+
+
+def _raise_stop(_signum: int, _frame: object) -> None:
+    raise _StopRequested
 
 
 if __name__ == "__main__":

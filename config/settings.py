@@ -58,7 +58,7 @@ class SettingsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class BrokerSettings(_Section):
@@ -181,7 +181,6 @@ class PaperSettings(_Section):
 
 class RiskSettings(_Section):
     risk_per_trade_pct: float = Field(0.5, gt=0, le=5)
-    atr_period: int = Field(14, ge=2, le=500)
     stop_atr_mult: float = Field(1.5, gt=0, le=50)
     take_profit_r: float = Field(1.5, gt=0, le=20)
     min_stop_points: int = Field(50, ge=1)
@@ -375,10 +374,27 @@ def _format_errors(exc: ValidationError, path: Path, environ: Mapping[str, str])
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
+        elif len(loc) == 1 and isinstance(err.get("input"), str | int | float):
+            msg = (
+                f"{key} is a section, not a value; write it as a table, e.g. "
+                f'[{key}] with kind = "..." below it'
+            )
         got = err.get("input")
         got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
         lines.append(f"{source}: {key + ': ' if key else ''}{msg}{got_text}")
     return "\n".join(lines)
+
+
+def _format_source_error(text: str, path: Path, environ: Mapping[str, str]) -> str:
+    """pydantic-settings fails before validation on a non-JSON list/dict in a variable."""
+    if "_MappingEnvSource" in text:
+        field = text.split('field "', 1)[-1].split('"', 1)[0]
+        names = sorted(n for n in environ if n.upper().startswith(f"{ENV_PREFIX}{field.upper()}"))
+        return (
+            f"environment {', '.join(names) or ENV_PREFIX + field.upper()}: not valid JSON; "
+            "lists and tables are written as JSON, e.g. SCALPER__TRADING__SYMBOLS='[\"EURUSD\"]'"
+        )
+    return f"{path}: {text}"
 
 
 def load_settings(
@@ -402,7 +418,7 @@ def load_settings(
     except ValidationError as exc:
         raise SettingsError(_format_errors(exc, config_path, env)) from None
     except ValueError as exc:
-        raise SettingsError(f"{config_path}: {exc}") from None
+        raise SettingsError(_format_source_error(str(exc), config_path, env)) from None
     finally:
         _PENDING.toml = {}
         _PENDING.environ = {}

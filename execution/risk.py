@@ -49,6 +49,9 @@ class SizeDecision:
 class EntryDecision:
     allowed: bool
     reason: str | None = None
+    # Which filter refused: kill_switch, daily_loss, session, spread, max_symbol, max_total.
+    # kill_switch and daily_loss hold for hours: the daemon journals them as warnings.
+    code: str | None = None
 
 
 def _floor_count(ratio: float) -> int:
@@ -194,33 +197,37 @@ class RiskManager:
         self._roll_day(when.date(), equity)
         kill = Path(self._s.kill_switch_path)
         if kill.exists():
-            return EntryDecision(False, f"kill switch file {kill} present")
+            return EntryDecision(False, f"kill switch file {kill} present", "kill_switch")
         limit = self._daily_limit(equity)
         if limit is not None:
-            return EntryDecision(False, limit)
+            return EntryDecision(False, limit, "daily_loss")
         start, end = self._s.session_start_hour_utc, self._s.session_end_hour_utc
         if not start <= when.hour < end:
             return EntryDecision(
                 False,
                 f"outside session hours {start:02d}:00-{end:02d}:00 UTC (bar at {when:%H:%M} UTC)",
+                "session",
             )
         if spread_points > self._s.max_spread_points:
             return EntryDecision(
                 False,
                 f"{symbol} spread {spread_points} points exceeds max_spread_points "
                 f"{self._s.max_spread_points}",
+                "spread",
             )
         if open_positions_symbol >= self._s.max_positions_per_symbol:
             return EntryDecision(
                 False,
                 f"{symbol} has {open_positions_symbol} open positions "
                 f"(max_positions_per_symbol {self._s.max_positions_per_symbol})",
+                "max_symbol",
             )
         if open_positions_total >= self._s.max_positions_total:
             return EntryDecision(
                 False,
                 f"{open_positions_total} positions open in total "
                 f"(max_positions_total {self._s.max_positions_total})",
+                "max_total",
             )
         return EntryDecision(True, None)
 

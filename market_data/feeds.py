@@ -9,7 +9,7 @@ in order, and backfills bars that closed while it was not looking.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -23,8 +23,9 @@ from utils.clock import Clock
 
 log = structlog.get_logger(__name__)
 
-# Returns the first ``n`` bars of a symbol's history (or all there are, if fewer).
-FrameSource = Callable[[int], pd.DataFrame]
+# Yields a symbol's history as successive frames (canonical columns, time ordered):
+# one frame for a file, endless chunks for the synthetic market.
+FrameSource = Callable[[], Iterator[pd.DataFrame]]
 
 
 @dataclass
@@ -41,6 +42,17 @@ class _Arrays:
         ints = frame[["tick_volume", "spread", "real_volume"]].to_numpy(dtype=np.int64)
         return cls(time_ns, ohlc, ints)
 
+    @classmethod
+    def empty(cls) -> _Arrays:
+        return cls(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 3), np.int64))
+
+    def __add__(self, other: _Arrays) -> _Arrays:
+        return _Arrays(
+            np.concatenate([self.time_ns, other.time_ns]),
+            np.concatenate([self.ohlc, other.ohlc]),
+            np.concatenate([self.ints, other.ints]),
+        )
+
     def __len__(self) -> int:
         return len(self.time_ns)
 
@@ -51,13 +63,76 @@ class _Arrays:
         return Bar(symbol, when, float(o), float(h), float(lo), float(c), int(tv), int(sp), int(rv))
 
 
+class _Stream:
+    """One symbol's bars, holding at most two frames (history + current) in memory."""
+
+    def __init__(self, symbol: str, frames: Iterator[pd.DataFrame]) -> None:
+        self.symbol = symbol
+        self._frames = frames
+        self.arrays = _Arrays.empty()
+        self.cursor = 0
+
+    def _next_frame(self) -> _Arrays | None:
+        for frame in self._frames:
+            if len(frame):
+                return _Arrays.from_frame(frame)
+        return None
+
+    def seek(self, *, after_ns: int | None, skip_rows: int, history_bars: int) -> list[Bar]:
+        """Position at the first bar after ``after_ns`` (or after ``skip_rows`` rows).
+
+        Returns up to ``history_bars`` bars before that point (warm-up history).
+        """
+        previous = _Arrays.empty()
+        current = self._next_frame() or _Arrays.empty()
+        seen = 0  # rows in frames before ``current``
+        while True:
+            if after_ns is None:
+                idx = skip_rows - seen
+            else:
+                idx = int(np.searchsorted(current.time_ns, after_ns, side="right"))
+            if 0 <= idx < len(current):
+                break
+            following = self._next_frame()
+            if following is None:
+                where = "the resume point" if after_ns is not None else f"{skip_rows} history bars"
+                raise ValueError(
+                    f"replay data for {self.symbol} has no bars after {where}; "
+                    f"it holds {seen + len(current)} bars"
+                )
+            seen += len(current)
+            previous, current = current, following
+        self.arrays = previous + current
+        self.cursor = len(previous) + idx
+        first = max(0, self.cursor - history_bars)
+        history = [self.arrays.bar(self.symbol, i) for i in range(first, self.cursor)]
+        # Drop what was only kept for the history.
+        self.arrays, self.cursor = current, idx
+        return history
+
+    def head_ns(self) -> int | None:
+        if self.cursor >= len(self.arrays):
+            following = self._next_frame()
+            if following is None:
+                return None
+            self.arrays, self.cursor = following, 0
+        return int(self.arrays.time_ns[self.cursor])
+
+    def pop(self) -> Bar:
+        bar = self.arrays.bar(self.symbol, self.cursor)
+        self.cursor += 1
+        return bar
+
+
 class ReplayFeed:
     """Replays closed bars of several symbols in time order, paced by the clock.
 
     ``resume_after`` maps a symbol to the open time of the last bar already
     processed (from the journal): the replay continues with the next bar, and
-    ``history()`` returns the ``history_bars`` bars before that point so the
-    strategy can warm its features without trading them again.
+    ``history()`` returns up to ``history_bars`` bars before that point so the
+    strategy can warm its features without trading them again. Without a resume
+    point the first ``history_bars`` bars are the history. Memory stays bounded
+    by two frames per symbol, however long the replay runs.
     """
 
     def __init__(
@@ -68,65 +143,26 @@ class ReplayFeed:
         bars_per_s: float,
         history_bars: int,
         resume_after: Mapping[str, datetime] | None = None,
-        initial_rows: int = 50_000,
     ) -> None:
-        self._sources = dict(sources)
         self._clock = clock
         self._bars_per_s = bars_per_s
-        self._history_bars = history_bars
-        self._arrays: dict[str, _Arrays] = {}
-        self._cursor: dict[str, int] = {}
-        self._exhausted: dict[str, bool] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._history: list[Bar] = []
         resume = dict(resume_after or {})
-        for symbol, source in self._sources.items():
-            self._arrays[symbol] = _Arrays.from_frame(source(initial_rows))
-            self._exhausted[symbol] = False
-            start = history_bars
+        for symbol, source in sources.items():
+            stream = _Stream(symbol, source())
             after = resume.get(symbol)
-            if after is not None:
-                after_ns = int(pd.Timestamp(after).tz_convert("UTC").value)
-                while True:
-                    times = self._arrays[symbol].time_ns
-                    start = int(np.searchsorted(times, after_ns, side="right"))
-                    if start < len(times) or not self._grow(symbol):
-                        break
-            self._cursor[symbol] = start
-            if start >= len(self._arrays[symbol]) and not self._grow(symbol):
-                raise ValueError(
-                    f"replay data for {symbol} has no bars after "
-                    f"{after or f'the first {history_bars} history bars'}; "
-                    f"it holds {len(self._arrays[symbol])} bars"
-                )
+            after_ns = None if after is None else int(pd.Timestamp(after).tz_convert("UTC").value)
+            self._history += stream.seek(
+                after_ns=after_ns, skip_rows=history_bars, history_bars=history_bars
+            )
+            self._streams[symbol] = stream
+        self._history.sort(key=lambda b: (b.time, b.symbol))
         self.emitted = 0
-
-    def _grow(self, symbol: str) -> bool:
-        """Ask the source for twice the rows (the synthetic market is unbounded)."""
-        if self._exhausted[symbol]:
-            return False
-        old = self._arrays[symbol]
-        bigger = _Arrays.from_frame(self._sources[symbol](max(2 * len(old), 1000)))
-        if len(bigger) <= len(old):
-            self._exhausted[symbol] = True
-            return False
-        self._arrays[symbol] = bigger
-        return True
 
     def history(self) -> list[Bar]:
         """Bars before the replay start (oldest first, symbols merged by time)."""
-        out: list[Bar] = []
-        for symbol, arrays in self._arrays.items():
-            start = self._cursor[symbol]
-            for i in range(max(0, start - self._history_bars), start):
-                out.append(arrays.bar(symbol, i))
-        out.sort(key=lambda b: (b.time, b.symbol))
-        return out
-
-    def _next_time(self, symbol: str) -> int | None:
-        arrays = self._arrays[symbol]
-        i = self._cursor[symbol]
-        if i >= len(arrays) and not self._grow(symbol):
-            return None
-        return int(self._arrays[symbol].time_ns[i])
+        return list(self._history)
 
     async def bars(self) -> AsyncGenerator[Bar, None]:
         """Closed bars in time order; bars of one timestamp come together."""
@@ -134,21 +170,19 @@ class ReplayFeed:
         started = self._clock.monotonic()
         steps = 0
         while True:
-            heads = {s: t for s in self._arrays if (t := self._next_time(s)) is not None}
+            heads = {s: t for s, st in self._streams.items() if (t := st.head_ns()) is not None}
             if not heads:
                 log.info("replay_finished", bars=self.emitted)
                 return
             now_ns = min(heads.values())
-            if interval > 0:
-                delay = started + steps * interval - self._clock.monotonic()
-                if delay > 0:
-                    await self._clock.sleep(delay)
+            delay = started + steps * interval - self._clock.monotonic() if interval else 0.0
+            # Always yield to the loop, even as fast as possible: signals and other
+            # tasks must get their turn between bars.
+            await self._clock.sleep(max(0.0, delay))
             steps += 1
             for symbol in sorted(s for s, t in heads.items() if t == now_ns):
-                i = self._cursor[symbol]
-                self._cursor[symbol] = i + 1
                 self.emitted += 1
-                yield self._arrays[symbol].bar(symbol, i)
+                yield self._streams[symbol].pop()
 
 
 class ClosedBarSource(Protocol):

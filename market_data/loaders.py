@@ -177,8 +177,9 @@ def load_bars(
         raise DataFileError(
             f"{source}: timeframe {timeframe_label(requested_s)} ({requested_s} s) was "
             f"requested but the data's own bar spacing is {timeframe_label(inferred)} "
-            f"({inferred} s); pass --timeframe {timeframe_label(inferred)} "
-            "or leave it out to use the data's spacing"
+            f"({inferred} s); set the timeframe to {timeframe_label(inferred)} "
+            "(trading.timeframe for the daemon, --timeframe for a backtest) or use data "
+            f"with {timeframe_label(requested_s)} bars"
         )
     spacing = requested_s if requested_s is not None else inferred
     if spacing is None:

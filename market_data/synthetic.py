@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -164,6 +165,20 @@ _SYMBOL_DEFAULTS: dict[str, tuple[float, float, int, float]] = {
 }
 
 
+def _initial_carry() -> _Carry:
+    return _Carry(
+        slot=0,
+        last_time_s=None,
+        close_log=0.0,
+        y_momentum=0.0,
+        h_fast=0.0,
+        h_slow=0.0,
+        z=0.0,
+        nu_clipped=0.0,
+        wick_sum=1.0,
+    )
+
+
 class SyntheticMarket:
     """A deterministic, prefix-stable bar history; see the module docstring."""
 
@@ -206,17 +221,7 @@ class SyntheticMarket:
         self._decimals = max(0, -int(Decimal(repr(self.point)).normalize().as_tuple().exponent))
         self._start_s = int(self.start.timestamp())
         self._chunks: list[_Chunk] = []
-        self._carry = _Carry(
-            slot=0,
-            last_time_s=None,
-            close_log=0.0,
-            y_momentum=0.0,
-            h_fast=0.0,
-            h_slow=0.0,
-            z=0.0,
-            nu_clipped=0.0,
-            wick_sum=1.0,
-        )
+        self._carry = _initial_carry()
         self._lock = threading.Lock()
 
     @classmethod
@@ -248,6 +253,19 @@ class SyntheticMarket:
                 self._chunks.append(chunk)
             needed = self._chunks[: math.ceil(n / CHUNK_BARS)] if n else []
         return self._frame(needed, n)
+
+    def iter_frames(self) -> Iterator[pd.DataFrame]:
+        """The same history as ``generate``, chunk by chunk, made on demand and not kept.
+
+        A long-running replay uses this: memory stays at one chunk whatever the
+        number of bars, where ``generate`` caches every chunk it has made.
+        """
+        carry = _initial_carry()
+        index = 0
+        while True:
+            chunk, carry = self._make_chunk(index, carry)
+            yield self._frame([chunk], CHUNK_BARS)
+            index += 1
 
     # -- internals ----------------------------------------------------------------------
 

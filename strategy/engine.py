@@ -20,7 +20,7 @@ from datetime import datetime
 
 import structlog
 
-from execution.broker import BarDrivenBroker, Broker
+from execution.broker import BarDrivenBroker, Broker, Position
 from execution.risk import RiskManager
 from market_data.bars import Bar
 from market_data.feeds import ReplayFeed
@@ -74,11 +74,11 @@ class TradingEngine:
         self._duration_s = duration_s
         self._heartbeat_every_s = heartbeat_every_s
         self._crash = crash or CrashPoint(None)
-        self._open_coids: dict[int, str] = {}
+        self._open: dict[int, Position] = {}
         self.stats = EngineStats()
 
-    def remember_position(self, position_id: int, client_order_id: str) -> None:
-        self._open_coids[position_id] = client_order_id
+    def remember_position(self, position: Position) -> None:
+        self._open[position.position_id] = position
 
     def warm_up(self) -> int:
         history = self._feed.history()
@@ -119,13 +119,13 @@ class TradingEngine:
             await self._simulated.on_bar(bar)
         deals = await self._broker.drain_closed_deals()
         if deals:
-            await self._strategy.record_closed_deals(deals, self._open_coids)
+            await self._strategy.record_closed_deals(deals, self._open)
             for deal in deals:
-                self._open_coids.pop(deal.position_id, None)
+                self._open.pop(deal.position_id, None)
         entries_before = self._strategy.status.entries
         await self._strategy.on_bar(bar)
         if self._strategy.status.entries != entries_before or deals:
-            await self._refresh_open_coids()
+            await self._refresh_open()
         self._journal.set_state(LAST_BAR_KEY + bar.symbol, iso_utc(bar.time))
         risk_state = self._risk.state()
         if risk_state != self._last_risk_state:
@@ -134,9 +134,8 @@ class TradingEngine:
         if self.stats.bars % self._equity_every == 0:
             await self.snapshot_equity(bar.time)
 
-    async def _refresh_open_coids(self) -> None:
-        for pos in await self._broker.positions():
-            self._open_coids[pos.position_id] = pos.client_order_id
+    async def _refresh_open(self) -> None:
+        self._open = {pos.position_id: pos for pos in await self._broker.positions()}
 
     async def snapshot_equity(self, market_time: datetime) -> None:
         account = await self._broker.account()

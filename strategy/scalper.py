@@ -17,6 +17,7 @@ import base64
 import hashlib
 import os
 import signal
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ import structlog
 
 from config.settings import Settings
 from execution.broker import Broker, Deal, OrderRequest, OrderResult, Position, Side, SymbolSpec
+from execution.retcodes import DONE, DONE_PARTIAL
 from execution.retcodes import name as retcode_name
 from execution.risk import RiskManager
 from market_data.bars import Bar
@@ -40,6 +42,7 @@ from utils.trade_journal import Journal, PredictionRow, TradeClose, TradeOpen
 log = structlog.get_logger(__name__)
 
 CRASH_ENV = "SCALPER_CRASH_AT"
+ENTRIES_STATE_KEY = "strategy.entries"
 
 
 def client_order_id(mode: str, symbol: str, action: str, when: datetime) -> str:
@@ -51,8 +54,9 @@ def client_order_id(mode: str, symbol: str, action: str, when: datetime) -> str:
 class CrashPoint:
     """Deterministic self-kill for crash tests: ``SCALPER_CRASH_AT=<point>:<count>``.
 
-    ``point`` is ``bar`` (after a bar is fully processed) or ``order`` (after the
-    broker filled an order, before the journal has it: the worst moment).
+    ``point`` is ``bar`` (after a bar is fully processed), ``order`` (after the
+    broker filled an order, before the journal has it) or ``trade`` (after the
+    trade is committed, before the bar is recorded as processed).
     """
 
     def __init__(self, spec: str | None) -> None:
@@ -128,6 +132,8 @@ class ScalpingStrategy:
             for sym, spec in self._specs.items()
         }
         self._failing: set[tuple[str, str]] = set()
+        self._last_block: tuple[str | None, str | None] = (None, None)
+        self._last_warned = False
         self.entries_halted: str | None = None  # set by operational errors / shutdown
         self.status = StrategyStatus()
 
@@ -214,11 +220,12 @@ class ScalpingStrategy:
         return result
 
     async def record_closed_deals(
-        self, deals: Iterable[Deal], open_positions: Mapping[int, str]
+        self, deals: Iterable[Deal], open_positions: Mapping[int, Position]
     ) -> None:
         """Journal positions the broker closed by itself (SL/TP, external)."""
         for deal in deals:
-            coid = deal.client_order_id or open_positions.get(deal.position_id, "")
+            pos = open_positions.get(deal.position_id)
+            coid = deal.client_order_id or (pos.client_order_id if pos else "")
             if not coid:
                 log.error("closed_deal_unknown_position", position_id=deal.position_id)
                 self._journal.record_event(
@@ -238,7 +245,11 @@ class ScalpingStrategy:
                     profit=deal.profit,
                     commission=deal.commission,
                     swap=deal.swap,
-                    bars_held=None,
+                    bars_held=(
+                        int((deal.time - pos.open_time).total_seconds() // self._timeframe_s)
+                        if pos is not None
+                        else None
+                    ),
                 )
             )
             log.info(
@@ -261,9 +272,6 @@ class ScalpingStrategy:
             return Side.SELL
         return None
 
-    def _skip(self, reason: str) -> None:
-        self.status.last_skip = reason
-
     async def _maybe_enter(
         self,
         bar: Bar,
@@ -274,17 +282,15 @@ class ScalpingStrategy:
         only_baseline: bool,
     ) -> None:
         if self.entries_halted:
-            self.status.flat_reason = self.entries_halted
+            self._block(self.entries_halted, code="halted", bar=bar, warn=True)
             return
         if result.proba is None:
-            self.status.flat_reason = "no predictor answered for this bar"
+            self._block("no predictor answered", code="no_predictor", bar=bar, warn=True)
             return
         if only_baseline and not self._s.trade_without_models:
-            self.status.flat_reason = (
-                "no validated model yet and strategy.trade_without_models is false"
-            )
+            reason = "no validated model yet and strategy.trade_without_models is false"
+            self._block(reason, code="no_model", bar=bar, warn=True)
             return
-        self.status.flat_reason = None
         side = self._signal(result.proba)
         if side is None:
             return
@@ -300,22 +306,34 @@ class ScalpingStrategy:
             equity=account.equity,
         )
         if not decision.allowed:
-            self._skip(decision.reason or "risk check refused")
+            sticky = decision.code in ("kill_switch", "daily_loss")
+            self._block(decision.reason, code=decision.code, bar=bar, warn=sticky)
             return
+        self._block(None, code=None, bar=bar, warn=False)
         entry = bar.close + (spread_points * spec.point if side is Side.BUY else 0.0)
         stop = self._risk.stop_distance(float(row[self._atr_idx]), spec)
         size = self._risk.size(account.equity, spec, entry, stop)
         if size.volume <= 0:
-            self._skip(size.reason or "position size is zero")
+            self._block(size.reason or "position size is zero", code="size", bar=bar, warn=True)
             return
         sl, tp = self._risk.sl_tp(side, entry, stop, spec)
         coid = client_order_id(self._mode, bar.symbol, "open", bar.time)
+        if await self._already_sent(coid, positions):
+            # The same decision replayed after a crash: it was filled before; never resend.
+            log.warning("entry_already_sent", symbol=bar.symbol, client_order_id=coid)
+            return
         request = OrderRequest(coid, bar.symbol, side, size.volume, sl, tp, None, "entry")
         result_order = await self._broker.market_order(request)
         self._crash.hit("order")
         self._record_order("open", side, size.volume, sl, tp, None, result_order)
         if not result_order.ok:
-            self._skip(f"order rejected: {retcode_name(result_order.retcode)}")
+            self.status.last_skip = f"order rejected: {retcode_name(result_order.retcode)}"
+            self._journal.record_event(
+                "warning",
+                "order_rejected",
+                f"{bar.symbol} {side.value} {size.volume}: {retcode_name(result_order.retcode)}",
+                {"retcode": result_order.retcode, "client_order_id": coid},
+            )
             log.warning(
                 "order_rejected",
                 symbol=bar.symbol,
@@ -344,6 +362,7 @@ class ScalpingStrategy:
                 mode=self._mode,
             )
         )
+        self._crash.hit("trade")
         self.status.entries += 1
         log.info(
             "position_opened",
@@ -356,6 +375,35 @@ class ScalpingStrategy:
             confidence=round(confidence, 3),
             models=model_set,
         )
+
+    async def _already_sent(self, coid: str, positions: list[Position]) -> bool:
+        if any(p.client_order_id == coid for p in positions):
+            return True
+
+        def lookup(conn: sqlite3.Connection) -> bool:
+            sql = "SELECT 1 FROM orders WHERE client_order_id = ? AND retcode IN (?, ?) LIMIT 1"
+            return conn.execute(sql, (coid, DONE, DONE_PARTIAL)).fetchone() is not None
+
+        return await self._journal.run(lookup)
+
+    def _block(self, reason: str | None, *, code: str | None, bar: Bar, warn: bool) -> None:
+        """Entries are blocked (or free again): journal each change, not each bar."""
+        self.status.flat_reason = reason
+        key = (code, reason) if warn else (code, None)
+        if key == self._last_block:
+            return
+        self._last_block = key
+        state = {"blocked": reason, "code": code, "since": bar.time.isoformat()}
+        self._journal.set_state(ENTRIES_STATE_KEY, state if reason else {"blocked": None})
+        if warn and reason:
+            log.warning("entries_blocked", symbol=bar.symbol, code=code, reason=reason)
+            self._journal.record_event(
+                "warning", "entries_blocked", f"{bar.symbol}: {reason}", {"code": code}
+            )
+        elif self._last_warned and not reason:
+            log.info("entries_resumed", symbol=bar.symbol)
+            self._journal.record_event("info", "entries_resumed", f"{bar.symbol}: entries allowed")
+        self._last_warned = warn and bool(reason)
 
     # -- journal helpers --------------------------------------------------------------
 

@@ -56,6 +56,15 @@ def query(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[o
         conn.close()
 
 
+def double_fills(journal: Path) -> list[tuple[object, ...]]:
+    """Client order ids the broker filled more than once (must never happen)."""
+    return query(
+        journal,
+        "SELECT client_order_id, count(*) FROM orders WHERE action='open' AND retcode=10009 "
+        "GROUP BY client_order_id HAVING count(*) > 1",
+    )
+
+
 def account_identity(journal: Path, initial: float) -> tuple[float, float]:
     """(balance from the last equity snapshot, initial + closed net P&L + open commissions)."""
     balance = query(journal, "SELECT balance FROM equity ORDER BY id DESC LIMIT 1")[0][0]
@@ -74,7 +83,7 @@ def test_paper_run_trades_and_journals_everything(tmp_path: Path) -> None:
     trades = query(journal, "SELECT status, net_profit, client_order_id FROM trades")
     assert len(trades) >= 5, "the baseline should trade on the synthetic market"
     assert any(t[0] == "closed" for t in trades)
-    assert len({t[2] for t in trades}) == len(trades)
+    assert double_fills(journal) == []
     assert all(len(str(t[2])) <= 16 and str(t[2]).isalnum() for t in trades)
     orders = query(journal, "SELECT action, retcode FROM orders")
     assert sum(1 for o in orders if o[0] == "open" and o[1] == 10009) == len(trades)
@@ -101,15 +110,52 @@ def test_second_run_resumes_after_the_last_bar_and_restores_positions(tmp_path: 
     later = [r for r in rows if r[0] not in first_ids]
     assert later, "the second run should trade too"
     assert all(str(r[1]) > str(last_bar).strip('"') for r in later)
-    assert len({r[0] for r in rows}) == len(rows)
+    assert double_fills(journal) == []
     balance, expected = account_identity(journal, settings.paper.initial_balance)
     assert balance == pytest.approx(expected, abs=1e-6)
 
 
-def test_kill_switch_file_stops_new_entries(tmp_path: Path) -> None:
+def test_kill_switch_file_stops_new_entries_and_says_why(tmp_path: Path) -> None:
     (tmp_path / "KILL").write_text("stop", encoding="utf-8")
     assert run_in_process(settings_for(tmp_path), 1500) == EXIT_OK
-    assert query(tmp_path / "journal.sqlite3", "SELECT count(*) FROM trades")[0][0] == 0
+    journal = tmp_path / "journal.sqlite3"
+    assert query(journal, "SELECT count(*) FROM trades")[0][0] == 0
+    blocked = query(journal, "SELECT message FROM events WHERE kind='entries_blocked'")
+    assert len(blocked) == 1 and "kill switch" in str(blocked[0][0])
+    out = io.StringIO()
+    assert cmd_status(journal, check=False, clock=SystemClock(), out=out) == EXIT_OK
+    assert "new entries blocked" in out.getvalue() and "kill switch" in out.getvalue()
+
+
+def test_restart_without_a_symbol_that_has_open_positions_is_refused(tmp_path: Path) -> None:
+    two = settings_for(tmp_path, SCALPER__TRADING__SYMBOLS='["EURUSD","GBPUSD"]')
+    assert run_in_process(two, 400) == EXIT_OK
+    journal = tmp_path / "journal.sqlite3"
+    open_gbp = query(journal, "SELECT count(*) FROM trades WHERE status='open' AND symbol='GBPUSD'")
+    if open_gbp[0][0] == 0:
+        # Make sure there is one: an open GBPUSD trade as the paper broker would journal it.
+        conn = sqlite3.connect(journal)
+        conn.execute(
+            "INSERT INTO trades (client_order_id, symbol, side, volume, open_time, open_price, "
+            "broker_position_id, status, commission, mode) VALUES "
+            "('TESTOPEN1', 'GBPUSD', 'buy', 0.1, '2024-01-01T10:00:00Z', 1.27, 999, 'open', "
+            "-0.35, 'paper')"
+        )
+        conn.commit()
+        conn.close()
+    with pytest.raises(Exception, match=r"trading\.symbols") as err:
+        run_in_process(settings_for(tmp_path), 100)
+    assert type(err.value).__name__ == "InvalidInput"
+
+
+def test_a_symbol_added_later_joins_at_the_current_market_time(tmp_path: Path) -> None:
+    assert run_in_process(settings_for(tmp_path), 600) == EXIT_OK
+    journal = tmp_path / "journal.sqlite3"
+    last = query(journal, "SELECT value FROM state WHERE key='feed.last_bar_time.EURUSD'")[0][0]
+    two = settings_for(tmp_path, SCALPER__TRADING__SYMBOLS='["EURUSD","GBPUSD"]')
+    assert run_in_process(two, 200) == EXIT_OK
+    gbp = query(journal, "SELECT min(bar_time) FROM predictions WHERE symbol='GBPUSD'")[0][0]
+    assert gbp is not None and str(gbp) > str(last).strip('"')
 
 
 def test_status_reads_the_journal(tmp_path: Path) -> None:
@@ -218,7 +264,7 @@ def test_killed_mid_run_and_restarted_loses_and_duplicates_nothing(tmp_path: Pat
         check = query(journal, "PRAGMA integrity_check")
         assert check == [("ok",)]
     ids = query(journal, "SELECT client_order_id, broker_position_id FROM trades")
-    assert len({r[0] for r in ids}) == len(ids)
+    assert double_fills(journal) == []
     assert len({r[1] for r in ids}) == len(ids), "a paper position id was reused after restart"
     assert len(ids) > 5
     balance, expected = account_identity(journal, initial)
@@ -227,6 +273,71 @@ def test_killed_mid_run_and_restarted_loses_and_duplicates_nothing(tmp_path: Pat
     opened = query(journal, "SELECT count(*) FROM trades WHERE status='open'")[0][0]
     last = query(journal, "SELECT open_positions FROM equity ORDER BY id DESC LIMIT 1")[0][0]
     assert opened == last
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX SIGKILL semantics")
+def test_a_decision_replayed_after_a_crash_is_never_filled_twice(tmp_path: Path) -> None:
+    # Several positions per symbol: the risk check alone would not stop a second fill.
+    extra = {
+        "SCALPER__RISK__MAX_POSITIONS_PER_SYMBOL": "3",
+        "SCALPER__STRATEGY__CLOSE_ON_OPPOSITE_SIGNAL": "false",
+    }
+    journal = tmp_path / "journal.sqlite3"
+    for crash in ("trade:2", "trade:3", None):
+        env = dict(extra, **({"SCALPER_CRASH_AT": crash} if crash else {}))
+        proc = subprocess.run(
+            daemon_cmd("run", "--max-bars", "400"),
+            env=process_env(tmp_path, env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == (0 if crash is None else -signal.SIGKILL), proc.stderr[-2000:]
+    assert double_fills(journal) == []
+    fills = query(journal, "SELECT count(*) FROM orders WHERE action='open' AND retcode=10009")
+    trades = query(journal, "SELECT count(*) FROM trades")
+    assert fills == trades
+    balance, expected = account_identity(journal, Settings().paper.initial_balance)
+    assert balance == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX")
+def test_sigterm_at_full_speed_with_nothing_to_do_still_stops_with_exit_0(tmp_path: Path) -> None:
+    (tmp_path / "KILL").write_text("stop", encoding="utf-8")
+    env = process_env(tmp_path, {"SCALPER__LOGGING__LEVEL": "INFO"})
+    proc = subprocess.Popen(
+        daemon_cmd("run"), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            if '"daemon_ready"' in line:
+                break
+        # status reads the journal while the daemon writes it.
+        out = io.StringIO()
+        assert (
+            cmd_status(tmp_path / "journal.sqlite3", check=True, clock=SystemClock(), out=out) == 0
+        )
+        assert "integrity_check: ok" in out.getvalue()
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest[-2000:]
+
+
+def test_max_bars_works_without_the_run_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env_for(tmp_path, SCALPER__PAPER__REPLAY_BARS_PER_S="0").items():
+        monkeypatch.setenv(key, value)
+    assert main(["--max-bars", "150"]) == EXIT_OK
+    stopped = query(
+        tmp_path / "journal.sqlite3", "SELECT message FROM events WHERE kind='daemon_stopped'"
+    )
+    assert "max_bars=150" in str(stopped[-1][0])
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child is POSIX")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -47,7 +47,10 @@ def test_replay_merges_symbols_in_time_order_after_history() -> None:
     a = frame(10)
     b = frame(10, start=T0 + timedelta(seconds=30))
     feed = ReplayFeed(
-        {"AAA": lambda n: a, "BBB": lambda n: b}, clock=clock, bars_per_s=0, history_bars=3
+        {"AAA": lambda: iter([a]), "BBB": lambda: iter([b])},
+        clock=clock,
+        bars_per_s=0,
+        history_bars=3,
     )
     history = feed.history()
     assert [(h.symbol, h.time) for h in history][:2] == [
@@ -64,7 +67,7 @@ def test_replay_merges_symbols_in_time_order_after_history() -> None:
 
 def test_replay_paces_bars_through_the_clock() -> None:
     clock = FakeClock(T0)
-    feed = ReplayFeed({"AAA": lambda n: frame(12)}, clock=clock, bars_per_s=4, history_bars=2)
+    feed = ReplayFeed({"AAA": lambda: iter([frame(12)])}, clock=clock, bars_per_s=4, history_bars=2)
     bars = asyncio.run(collect(feed))
     assert len(bars) == 10
     # 10 bars at 4 bars/s: the last one is due 9 intervals after the first.
@@ -76,7 +79,11 @@ def test_replay_resumes_after_the_last_processed_bar() -> None:
     data = frame(20)
     resume = {"AAA": T0 + timedelta(minutes=11)}
     feed = ReplayFeed(
-        {"AAA": lambda n: data}, clock=clock, bars_per_s=0, history_bars=5, resume_after=resume
+        {"AAA": lambda: iter([data])},
+        clock=clock,
+        bars_per_s=0,
+        history_bars=5,
+        resume_after=resume,
     )
     history = feed.history()
     assert history[-1].time == T0 + timedelta(minutes=11)
@@ -86,27 +93,68 @@ def test_replay_resumes_after_the_last_processed_bar() -> None:
     assert len(bars) == 8
 
 
-def test_replay_grows_an_unbounded_source() -> None:
-    calls: list[int] = []
+def test_replay_streams_chunks_and_resumes_across_chunk_boundaries() -> None:
+    chunks = [frame(40, start=T0 + timedelta(minutes=40 * k)) for k in range(10)]
+    pulled: list[int] = []
 
-    def source(n: int) -> pd.DataFrame:
-        calls.append(n)
-        return frame(n)
+    def source() -> Iterator[pd.DataFrame]:
+        for k, chunk in enumerate(chunks):
+            pulled.append(k)
+            yield chunk
 
-    feed = ReplayFeed(
-        {"AAA": source}, clock=FakeClock(T0), bars_per_s=0, history_bars=10, initial_rows=50
+    feed = ReplayFeed({"AAA": source}, clock=FakeClock(T0), bars_per_s=0, history_bars=50)
+    history = feed.history()
+    assert [b.time for b in history] == [T0 + timedelta(minutes=i) for i in range(50)]
+    assert pulled == [0, 1]  # only what the history needed
+    bars = asyncio.run(collect(feed, limit=100))
+    assert [b.time for b in bars] == [T0 + timedelta(minutes=50 + i) for i in range(100)]
+    assert pulled == [0, 1, 2, 3]
+    # Resume inside the 5th chunk: history spans the chunk boundary.
+    resume = {"AAA": T0 + timedelta(minutes=165)}
+    again = ReplayFeed(
+        {"AAA": source}, clock=FakeClock(T0), bars_per_s=0, history_bars=10, resume_after=resume
     )
-    bars = asyncio.run(collect(feed, limit=500))
-    assert len(bars) == 500
-    assert [b.time for b in bars] == [T0 + timedelta(minutes=10 + i) for i in range(500)]
-    assert max(calls) >= 510
+    assert [b.time.minute for b in again.history()] == [
+        (T0 + timedelta(minutes=156 + i)).minute for i in range(10)
+    ]
+    first = asyncio.run(collect(again, limit=1))[0]
+    assert first.time == T0 + timedelta(minutes=166)
+
+
+def test_replay_yields_to_the_loop_between_bars_even_at_full_speed() -> None:
+    data = frame(300)
+
+    async def scenario() -> tuple[int, int]:
+        feed = ReplayFeed(
+            {"AAA": lambda: iter([data])}, clock=FakeClock(T0), bars_per_s=0, history_bars=5
+        )
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def other() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other())
+        n = 0
+        async for _ in feed.bars():  # the consumer itself never awaits anything
+            n += 1
+        stop.set()
+        await task
+        return n, ticks
+
+    n, ticks = asyncio.run(scenario())
+    assert n == 295
+    assert ticks >= 290
 
 
 def test_replay_refuses_resume_point_past_the_data() -> None:
     data = frame(10)
     with pytest.raises(ValueError, match="no bars after"):
         ReplayFeed(
-            {"AAA": lambda n: data},
+            {"AAA": lambda: iter([data])},
             clock=FakeClock(T0),
             bars_per_s=0,
             history_bars=2,
