@@ -31,10 +31,13 @@ from execution.risk import RiskManager
 from market_data.feeds import FrameSource, ReplayFeed
 from market_data.loaders import DataFileError, load_bars
 from market_data.synthetic import SyntheticMarket
+from ml.model_manager import ModelManager
 from ml.predictor_map import PredictorMap
+from ml.store import ModelStore
+from ml.training import LocalProcessBackend, TrainingBackend
 from strategy.baseline import MomentumBaseline
 from strategy.engine import LAST_BAR_KEY, RISK_STATE_KEY, TradingEngine
-from strategy.features import FeatureSpec
+from strategy.features import BarColumns, FeatureSpec
 from strategy.scalper import CRASH_ENV, ENTRIES_STATE_KEY, CrashPoint, ScalpingStrategy
 from utils.clock import Clock, SystemClock, iso_utc, parse_iso_utc
 from utils.logsetup import configure_logging
@@ -175,6 +178,8 @@ class Daemon:
     strategy: ScalpingStrategy
     engine: TradingEngine
     resumed_after: dict[str, datetime]
+    store: ModelStore
+    models: ModelManager
 
 
 async def start_daemon(
@@ -183,6 +188,7 @@ async def start_daemon(
     clock: Clock | None = None,
     max_bars: int | None = None,
     duration_s: float | None = None,
+    backend: TrainingBackend | None = None,
 ) -> Daemon:
     """Crash-only start-up: the same path after a clean stop and after a crash.
 
@@ -223,7 +229,12 @@ async def start_daemon(
                 sources,
                 clock=clock,
                 bars_per_s=settings.paper.replay_bars_per_s,
-                history_bars=max(settings.paper.history_bars, spec.window),
+                # Enough history to warm the features and to train first models on.
+                history_bars=max(
+                    settings.paper.history_bars,
+                    spec.window,
+                    settings.models.initial_train_bars if settings.models.enabled_kinds else 0,
+                ),
                 resume_after=resume,
             )
         except ValueError as exc:
@@ -235,6 +246,14 @@ async def start_daemon(
         predictors = PredictorMap()
         for symbol in settings.trading.symbols:
             predictors.swap(symbol, "baseline", MomentumBaseline(spec))
+        store = ModelStore(
+            Path(settings.storage.models_dir),
+            clock=clock,
+            retention=settings.models.retention,
+            on_event=ModelManager.journal_hook(journal),
+        )
+        store.cleanup_leftovers()
+        weights: dict[str, float] = {}
         crash = CrashPoint(os.environ.get(CRASH_ENV))
         strategy = ScalpingStrategy(
             settings=settings,
@@ -246,8 +265,28 @@ async def start_daemon(
             clock=clock,
             feature_spec=spec,
             mode="paper",
+            weights=weights,
             crash=crash,
         )
+        loop = asyncio.get_running_loop()
+
+        def call_in_loop(fn: Callable[[], None]) -> None:
+            loop.call_soon_threadsafe(fn)
+
+        models = ModelManager(
+            settings=settings,
+            store=store,
+            backend=backend or LocalProcessBackend(),
+            predictors=predictors,
+            journal=journal,
+            clock=clock,
+            feature_spec=spec,
+            cache_dir=Path(settings.storage.journal_path).parent / "cache",
+            recent_rows=strategy.recent_rows,
+            call_in_loop=call_in_loop,
+            baseline=lambda: MomentumBaseline(spec),
+        )
+        models.weights = weights
         engine = TradingEngine(
             feed=feed,
             strategy=strategy,
@@ -263,12 +302,43 @@ async def start_daemon(
         for pos in await broker.positions():
             engine.remember_position(pos)
         await broker.connect()
-        engine.warm_up()
+        for symbol in settings.trading.symbols:
+            models.load_production(symbol)
+        history = feed.history()
+        engine.warm_up(history)
+        market_now = max((b.time for b in history), default=clock.now())
+        for symbol in settings.trading.symbols:
+            missing, stale = models.missing_or_stale(symbol, market_now)
+            if not missing and not stale:
+                continue
+            bars = [b for b in history if b.symbol == symbol]
+            rows = settings.models.initial_train_bars if missing else settings.models.train_bars
+            models.request_training(
+                symbol,
+                missing + stale,
+                BarColumns.from_bars(bars[-rows:]),
+                reason="no model" if missing else "stale",
+                rows=rows,
+            )
+        models.start()
+        if settings.models.retrain_first_when_stale:
+            await asyncio.to_thread(models.wait_idle)
     except BaseException:
         journal.close()
         raise
     return Daemon(
-        settings, clock, journal, broker, feed, risk, predictors, strategy, engine, resume
+        settings,
+        clock,
+        journal,
+        broker,
+        feed,
+        risk,
+        predictors,
+        strategy,
+        engine,
+        resume,
+        store,
+        models,
     )
 
 
@@ -345,6 +415,7 @@ async def serve(
             )
             await daemon.broker.close()
         finally:
+            await asyncio.to_thread(daemon.models.stop)
             await journal.flush()
     return EXIT_FAILURE if failure else EXIT_OK
 

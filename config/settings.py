@@ -201,6 +201,79 @@ class StrategySettings(_Section):
     trade_without_models: bool | None = None
 
 
+class _KindSettings(_Section):
+    enabled: bool = True
+    # Weight in the ensemble when models.weight_by = "settings".
+    weight: float = Field(1.0, ge=0, le=100)
+
+    def hyperparams(self) -> dict[str, object]:
+        """Constructor arguments of the model kind (everything but enabled/weight)."""
+        return self.model_dump(exclude={"enabled", "weight"})
+
+
+class RFSettings(_KindSettings):
+    n_estimators: int = Field(200, ge=1, le=5000)
+    max_depth: int = Field(10, ge=1, le=100)
+    min_samples_leaf: int = Field(5, ge=1)
+
+
+class XGBSettings(_KindSettings):
+    n_estimators: int = Field(300, ge=1, le=10_000)
+    max_depth: int = Field(6, ge=1, le=30)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+
+
+class LSTMSettings(_KindSettings):
+    architecture: Literal["lstm", "bilstm_attention"] = "lstm"
+    seq_len: int = Field(60, ge=2, le=1000)
+    hidden_size_1: int = Field(128, ge=1, le=2048)
+    hidden_size_2: int = Field(64, ge=1, le=2048)
+    max_steps: int = Field(200, ge=1, le=1_000_000)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=1)
+    max_train_seconds: float = Field(900.0, gt=0)
+
+
+class MLPSettings(_KindSettings):
+    hidden_1: int = Field(64, ge=1, le=4096)
+    hidden_2: int = Field(32, ge=1, le=4096)
+    hidden_3: int = Field(16, ge=1, le=4096)
+    max_steps: int = Field(2000, ge=1, le=1_000_000)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=1)
+    max_train_seconds: float = Field(300.0, gt=0)
+
+
+class ModelsSettings(_Section):
+    max_model_age_s: int = Field(86_400, ge=60)
+    retention: int = Field(5, ge=1, le=1000)
+    # Bars the first models train on (sized so a fresh machine trades on models within
+    # 2 minutes) and bars of later retrains.
+    initial_train_bars: int = Field(20_000, ge=1_000, le=5_000_000)
+    train_bars: int = Field(50_000, ge=1_000, le=5_000_000)
+    horizon_bars: int = Field(5, ge=1, le=500)
+    label_threshold_atr: float = Field(0.5, gt=0, le=20)
+    seed: int = Field(0, ge=0)
+    weight_by: Literal["equal", "settings", "validation"] = "equal"
+    # A production model older than max_model_age_s is used at once and retrained in the
+    # background; true = retrain before trading on it.
+    retrain_first_when_stale: bool = False
+    rf: RFSettings = RFSettings()
+    xgb: XGBSettings = XGBSettings()
+    lstm: LSTMSettings = LSTMSettings()
+    mlp: MLPSettings = MLPSettings()
+
+    def kind(self, name: str) -> _KindSettings:
+        section: _KindSettings = getattr(self, name)
+        return section
+
+    @property
+    def enabled_kinds(self) -> tuple[str, ...]:
+        return tuple(k for k in ("rf", "xgb", "lstm", "mlp") if self.kind(k).enabled)
+
+
 class StorageSettings(_Section):
     journal_path: str = "data/journal.sqlite3"
     models_dir: str = "models"
@@ -249,6 +322,7 @@ class Settings(BaseSettings):
     paper: PaperSettings = PaperSettings()
     risk: RiskSettings = RiskSettings()
     strategy: StrategySettings = StrategySettings()
+    models: ModelsSettings = ModelsSettings()
     storage: StorageSettings = StorageSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -80,8 +80,7 @@ class TradingEngine:
     def remember_position(self, position: Position) -> None:
         self._open[position.position_id] = position
 
-    def warm_up(self) -> int:
-        history = self._feed.history()
+    def warm_up(self, history: list[Bar]) -> int:
         for bar in history:
             self._strategy.warm(bar)
         return len(history)

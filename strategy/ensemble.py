@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategy.baseline import Predictor
+from strategy.baseline import Predictor, PredictorNotReady
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +46,27 @@ def predict_all(
     row: np.ndarray,
     weights: Mapping[str, float],
     timer: Callable[[], int],
+    feature_hash: str | None = None,
 ) -> EnsembleResult:
-    """Ask every predictor; ``timer`` (ns) is injected so tests control latency."""
+    """Ask every predictor; ``timer`` (ns) is injected so tests control latency.
+
+    A predictor built for another feature spec (``feature_hash``) is refused; a
+    sequence model still filling its window sits the bar out without an error.
+    """
     outputs: list[ModelOutput] = []
     failures: list[tuple[str, str]] = []
     for kind, predictor in predictors.items():
         t0 = timer()
         try:
+            if feature_hash is not None and predictor.feature_hash != feature_hash:
+                raise ValueError(
+                    f"built for feature spec {predictor.feature_hash}, serving {feature_hash}"
+                )
             proba = np.asarray(predictor.predict_proba(row), dtype=np.float64)
             if proba.shape != (3,) or not np.all(np.isfinite(proba)) or abs(proba.sum() - 1) > 1e-3:
                 raise ValueError(f"not a probability vector: {proba!r}")
+        except PredictorNotReady:
+            continue
         except Exception as exc:  # noqa: BLE001 - model code is isolated; the bar goes on
             failures.append((kind, f"{type(exc).__name__}: {exc}"))
             continue

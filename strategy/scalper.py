@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 CRASH_ENV = "SCALPER_CRASH_AT"
 ENTRIES_STATE_KEY = "strategy.entries"
+RECENT_ROWS = 512  # longer than any sequence model's window
 
 
 def client_order_id(mode: str, symbol: str, action: str, when: datetime) -> str:
@@ -103,7 +104,7 @@ class ScalpingStrategy:
         clock: Clock,
         feature_spec: FeatureSpec,
         mode: str,
-        weights: Mapping[str, float] | None = None,
+        weights: dict[str, float] | None = None,
         timer: Callable[[], int] = time.perf_counter_ns,
         crash: CrashPoint | None = None,
     ) -> None:
@@ -116,7 +117,8 @@ class ScalpingStrategy:
         self._clock = clock
         self._spec = feature_spec
         self._mode = mode
-        self._weights = dict(weights or {})
+        # Shared with the model manager, which updates it on the loop thread.
+        self._weights = weights if weights is not None else {}
         self._timer = timer
         self._crash = crash or CrashPoint(None)
         self._atr_idx = feature_spec.index("atr")
@@ -132,6 +134,9 @@ class ScalpingStrategy:
             for sym, spec in self._specs.items()
         }
         self._failing: set[tuple[str, str]] = set()
+        self._rows: dict[str, deque[np.ndarray]] = {
+            sym: deque(maxlen=RECENT_ROWS) for sym in self._specs
+        }
         self._last_block: tuple[str | None, str | None] = (None, None)
         self._last_warned = False
         self.entries_halted: str | None = None  # set by operational errors / shutdown
@@ -140,8 +145,16 @@ class ScalpingStrategy:
     # -- bars -------------------------------------------------------------------------
 
     def warm(self, bar: Bar) -> None:
-        """Feed a history bar to the features only (no predictions, no orders)."""
-        self._engines[bar.symbol].update(bar)
+        """Feed a history bar to the features and sequence windows (no predictions, no orders)."""
+        row = self._engines[bar.symbol].update(bar)
+        if row is not None:
+            self._rows[bar.symbol].append(row)
+            for predictor in self._predictors.snapshot(bar.symbol).values():
+                predictor.observe(row)
+
+    def recent_rows(self, symbol: str) -> list[np.ndarray]:
+        """The latest feature rows (oldest first): primes a model swapped in mid-run."""
+        return list(self._rows[symbol])
 
     async def on_bar(self, bar: Bar) -> None:
         t0 = self._timer()
@@ -149,8 +162,9 @@ class ScalpingStrategy:
         row = self._engines[bar.symbol].update(bar)
         if row is None:
             return
+        self._rows[bar.symbol].append(row)
         predictors = self._predictors.snapshot(bar.symbol)
-        result = predict_all(predictors, row, self._weights, self._timer)
+        result = predict_all(predictors, row, self._weights, self._timer, self._spec.hash)
         self.status.decision_us.append((self._timer() - t0) / 1000.0)
         self._report_failures(bar, result)
         positions = await self._broker.positions()

@@ -34,6 +34,10 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
         "SCALPER__PAPER__HISTORY_BARS": "100",
         "SCALPER__LOGGING__LEVEL": "WARNING",
         "SCALPER__LOGGING__FORMAT": "json",
+        # These tests are about the daemon around the predictors: the baseline serves.
+        # tests/test_daemon_models.py runs the daemon with (tiny) trained models.
+        "SCALPER__STORAGE__MODELS_DIR": str(tmp_path / "models"),
+        **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "XGB", "LSTM", "MLP")},
     }
     env.update(extra)
     return env
