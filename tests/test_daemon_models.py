@@ -1,0 +1,184 @@
+"""The daemon with its own models: train at first start, serve from the store after, fall back.
+
+Tiny model sizes keep this fast; training runs in-process (``InlineBackend``)
+on the model manager's thread, and the test waits for it before replaying, so
+every bar after that is decided by the trained models (deterministic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings, load_settings
+from main import serve, start_daemon
+from ml.training import InlineBackend, TrainJob, TrainOutcome
+from utils.clock import FakeClock
+
+KINDS = ("rf", "xgb", "lstm", "mlp")
+
+
+def tiny_settings(tmp_path: Path, **extra: str) -> Settings:
+    env = {
+        "SCALPER__STORAGE__JOURNAL_PATH": str(tmp_path / "journal.sqlite3"),
+        "SCALPER__STORAGE__MODELS_DIR": str(tmp_path / "models"),
+        "SCALPER__RISK__KILL_SWITCH_PATH": str(tmp_path / "KILL"),
+        "SCALPER__LOGGING__LEVEL": "WARNING",
+        "SCALPER__PAPER__HISTORY_BARS": "100",
+        "SCALPER__MODELS__INITIAL_TRAIN_BARS": "2500",
+        "SCALPER__MODELS__RF__N_ESTIMATORS": "8",
+        "SCALPER__MODELS__RF__MAX_DEPTH": "4",
+        "SCALPER__MODELS__XGB__N_ESTIMATORS": "8",
+        "SCALPER__MODELS__XGB__MAX_DEPTH": "3",
+        "SCALPER__MODELS__LSTM__SEQ_LEN": "8",
+        "SCALPER__MODELS__LSTM__HIDDEN_SIZE_1": "8",
+        "SCALPER__MODELS__LSTM__HIDDEN_SIZE_2": "4",
+        "SCALPER__MODELS__LSTM__MAX_STEPS": "6",
+        "SCALPER__MODELS__LSTM__BATCH_SIZE": "32",
+        "SCALPER__MODELS__MLP__HIDDEN_1": "8",
+        "SCALPER__MODELS__MLP__HIDDEN_2": "8",
+        "SCALPER__MODELS__MLP__HIDDEN_3": "8",
+        "SCALPER__MODELS__MLP__MAX_STEPS": "20",
+        "SCALPER__MODELS__MLP__BATCH_SIZE": "64",
+    }
+    env.update(extra)
+    return load_settings(environ=env)
+
+
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def run_once(settings: Settings, bars: int, backend: object = None) -> dict[str, str]:
+    clock = FakeClock(datetime(2026, 1, 5, 8, 0, tzinfo=UTC))
+    daemon = await start_daemon(
+        settings, clock=clock, max_bars=bars, backend=backend or InlineBackend()
+    )
+    try:
+        # Let queued first trainings finish and their swaps run on this loop.
+        await asyncio.to_thread(daemon.models.wait_idle)
+        await asyncio.sleep(0)
+        serving = {kind: p.version for kind, p in daemon.predictors.snapshot("EURUSD").items()}
+        await serve(daemon, install_signals=False)
+    finally:
+        daemon.journal.close()
+    return serving
+
+
+def test_first_start_trains_every_kind_then_serves_them_and_restart_loads_from_store(
+    tmp_path: Path,
+) -> None:
+    settings = tiny_settings(tmp_path)
+    journal = tmp_path / "journal.sqlite3"
+    serving = asyncio.run(run_once(settings, 300))
+    assert serving == dict.fromkeys(KINDS, "1.0.0")
+    runs = query(journal, "SELECT kind, status, version FROM training_runs ORDER BY id")
+    assert [(k, s) for k, s, _ in runs] == [(k, "done") for k in ("xgb", "mlp", "rf", "lstm")]
+    predicted = {r[0] for r in query(journal, "SELECT DISTINCT model FROM predictions")}
+    assert set(KINDS) <= predicted
+    events = {r[0] for r in query(journal, "SELECT DISTINCT event FROM model_events")}
+    assert {"registered", "promoted", "swapped"} <= events
+    last_bar_models = query(
+        journal,
+        "SELECT model, version FROM predictions WHERE bar_time = "
+        "(SELECT max(bar_time) FROM predictions)",
+    )
+    assert sorted(last_bar_models) == sorted((k, "1.0.0") for k in KINDS)
+    for kind in KINDS:
+        aliases = (tmp_path / "models" / "EURUSD" / kind / "aliases.json").read_text("utf-8")
+        assert '"production": "1.0.0"' in aliases
+
+    # Second start: the store serves, nothing is retrained.
+    serving_again = asyncio.run(run_once(settings, 50))
+    assert serving_again == dict.fromkeys(KINDS, "1.0.0")
+    assert len(query(journal, "SELECT id FROM training_runs")) == 4
+
+
+def test_a_tampered_artifact_is_refused_and_the_kind_is_retrained(tmp_path: Path) -> None:
+    settings = tiny_settings(
+        tmp_path, **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
+    )
+    journal = tmp_path / "journal.sqlite3"
+    assert asyncio.run(run_once(settings, 20)) == {"xgb": "1.0.0"}
+    onnx = tmp_path / "models" / "EURUSD" / "xgb" / "1.0.0" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    # 1.0.0 no longer verifies: it is not served; a new version is trained and served.
+    assert asyncio.run(run_once(settings, 20)) == {"xgb": "1.0.1"}
+    events = [r[0] for r in query(journal, "SELECT event FROM model_events")]
+    assert "integrity_failed" in events
+
+
+class FailingBackend:
+    def submit(self, job: TrainJob) -> concurrent.futures.Future[TrainOutcome]:
+        future: concurrent.futures.Future[TrainOutcome] = concurrent.futures.Future()
+        future.set_exception(ValueError("training data too short: need 300 rows, got 12"))
+        return future
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+def test_failed_training_is_journaled_and_the_baseline_keeps_serving(tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path)
+    journal = tmp_path / "journal.sqlite3"
+    serving = asyncio.run(run_once(settings, 200, backend=FailingBackend()))
+    assert serving == {"baseline": "1.0.0"}
+    runs = query(journal, "SELECT status, error FROM training_runs")
+    assert len(runs) == 4 and all(r[0] == "failed" for r in runs)
+    assert "too short" in str(runs[0][1])
+    errors = query(journal, "SELECT kind FROM events WHERE kind='training_failed'")
+    assert len(errors) == 4
+    assert not (tmp_path / "models" / "EURUSD" / "xgb" / "aliases.json").exists() or (
+        '"production": null' in (tmp_path / "models/EURUSD/xgb/aliases.json").read_text("utf-8")
+    )
+    # No leftovers of the failed drafts.
+    leftovers = list((tmp_path / "models").rglob(".tmp-*"))
+    assert [p for p in leftovers if p.is_dir()] == []
+
+
+@pytest.mark.parametrize("weight_by", ["settings", "validation"])
+def test_ensemble_weights_follow_the_setting(tmp_path: Path, weight_by: str) -> None:
+    settings = tiny_settings(
+        tmp_path,
+        SCALPER__MODELS__WEIGHT_BY=weight_by,
+        SCALPER__MODELS__XGB__WEIGHT="3.0",
+        **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM")},
+    )
+
+    async def scenario() -> dict[str, float]:
+        daemon = await start_daemon(
+            settings,
+            clock=FakeClock(datetime(2026, 1, 5, tzinfo=UTC)),
+            max_bars=5,
+            backend=InlineBackend(),
+        )
+        try:
+            await asyncio.to_thread(daemon.models.wait_idle)
+            await asyncio.sleep(0)
+            return dict(daemon.models.weights)
+        finally:
+            await asyncio.to_thread(daemon.models.stop)
+            daemon.journal.close()
+
+    weights = asyncio.run(scenario())
+    if weight_by == "settings":
+        assert weights == {"xgb": 3.0, "mlp": 1.0}
+    else:
+        expected = {}
+        for kind in ("xgb", "mlp"):
+            path = tmp_path / "models" / "EURUSD" / kind / "1.0.0" / "manifest.json"
+            holdout = json.loads(path.read_text("utf-8"))["metrics"]["holdout"]
+            expected[kind] = max(0.0, holdout["accuracy"] - holdout["majority_rate"])
+        assert weights == pytest.approx(expected)
