@@ -68,6 +68,9 @@ async def run(tmp: Path, *, quick: bool) -> Results:
         "SCALPER__PAPER__REPLAY_BARS_PER_S": "0",
         "SCALPER__LOGGING__LEVEL": "WARNING",
         "SCALPER__RISK__KILL_SWITCH_PATH": str(tmp / "KILL"),
+        "SCALPER__STORAGE__MODELS_DIR": str(tmp / "models"),
+        # The baseline path: models are measured in bench/models.py.
+        **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "XGB", "LSTM", "MLP")},
     }
     settings = load_settings(environ=env)
     configure_logging(settings.logging.level, settings.logging.format)
