@@ -31,15 +31,17 @@ from execution.risk import RiskManager
 from market_data.feeds import FrameSource, ReplayFeed
 from market_data.loaders import DataFileError, load_bars
 from market_data.synthetic import SyntheticMarket
+from ml import cli_models
 from ml.model_manager import ModelManager
 from ml.predictor_map import PredictorMap
-from ml.store import ModelStore
+from ml.store import ModelStore, journal_hook
 from ml.training import LocalProcessBackend, TrainingBackend
 from strategy.baseline import MomentumBaseline
 from strategy.engine import LAST_BAR_KEY, RISK_STATE_KEY, TradingEngine
 from strategy.features import BarColumns, FeatureSpec
 from strategy.scalper import CRASH_ENV, ENTRIES_STATE_KEY, CrashPoint, ScalpingStrategy
 from utils.clock import Clock, SystemClock, iso_utc, parse_iso_utc
+from utils.commands import serve_commands
 from utils.logsetup import configure_logging
 from utils.tasks import TaskSupervisor
 from utils.trade_journal import Journal, JournalError, JournalSummary, fetch_state, summary
@@ -250,7 +252,7 @@ async def start_daemon(
             Path(settings.storage.models_dir),
             clock=clock,
             retention=settings.models.retention,
-            on_event=ModelManager.journal_hook(journal),
+            on_event=journal_hook(journal),
         )
         store.cleanup_leftovers()
         weights: dict[str, float] = {}
@@ -298,6 +300,7 @@ async def start_daemon(
             max_bars=max_bars,
             duration_s=duration_s,
             crash=crash,
+            keep_bars=max(settings.models.train_bars, settings.models.initial_train_bars),
         )
         for pos in await broker.positions():
             engine.remember_position(pos)
@@ -343,9 +346,17 @@ async def start_daemon(
 
 
 async def serve(
-    daemon: Daemon, *, stop: asyncio.Event | None = None, install_signals: bool = True
+    daemon: Daemon,
+    *,
+    stop: asyncio.Event | None = None,
+    install_signals: bool = True,
+    command_poll_s: float | None = 1.0,
 ) -> int:
-    """Trade until the feed ends, a limit is reached or a stop is requested; then stop cleanly."""
+    """Trade until the feed ends, a limit is reached or a stop is requested; then stop cleanly.
+
+    ``command_poll_s``: how often the CLI's requests in the journal's ``commands``
+    table are answered (None: not at all, for runs on a fake clock).
+    """
     settings, journal, strategy, engine = (
         daemon.settings,
         daemon.journal,
@@ -383,6 +394,17 @@ async def serve(
     reason = "failure"
     try:
         run_task = tasks.create(engine.run(stop), name="engine")
+        if command_poll_s is not None:
+            handler = cli_models.make_command_handler(
+                store=daemon.store,
+                manager=daemon.models,
+                settings=settings,
+                bars_for=lambda symbol: BarColumns.from_bars(list(engine.recent_bars[symbol])),
+            )
+            tasks.create(
+                serve_commands(journal, handler, clock=daemon.clock, interval_s=command_poll_s),
+                name="commands",
+            )
         stop_task = tasks.create(stop.wait(), name="stop-wait")
         await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if not run_task.done():
@@ -428,10 +450,13 @@ async def run_daemon(
     duration_s: float | None = None,
     install_signals: bool = True,
     stop: asyncio.Event | None = None,
+    command_poll_s: float | None = 1.0,
 ) -> int:
     daemon = await start_daemon(settings, clock=clock, max_bars=max_bars, duration_s=duration_s)
     try:
-        return await serve(daemon, stop=stop, install_signals=install_signals)
+        return await serve(
+            daemon, stop=stop, install_signals=install_signals, command_poll_s=command_poll_s
+        )
     finally:
         daemon.journal.close()
 
@@ -561,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
     status.add_argument("--journal", type=Path, default=None, help="journal file to read")
     status.add_argument("--check", action="store_true", help="run PRAGMA integrity_check")
+    cli_models.add_parsers(sub)
     return parser
 
 
@@ -581,6 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "status":
         path = args.journal or Path(settings.storage.journal_path)
         return cmd_status(path, check=args.check, clock=SystemClock())
+    if command in ("train", "models"):
+        return cli_models.run(settings, args, out=sys.stdout, clock=SystemClock())
     # Until the loop's own handlers are installed, a stop request during start-up
     # still means a clean exit 0 (Ctrl-C raises KeyboardInterrupt, SIGTERM this).
     previous = signal.signal(signal.SIGTERM, _raise_stop)

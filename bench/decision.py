@@ -77,7 +77,7 @@ async def run(tmp: Path, *, quick: bool) -> Results:
     daemon = await start_daemon(settings, max_bars=n_bars)
     t0 = time.perf_counter()
     try:
-        await serve(daemon, install_signals=False)
+        await serve(daemon, install_signals=False, command_poll_s=None)
     finally:
         daemon.journal.close()
     seconds = time.perf_counter() - t0

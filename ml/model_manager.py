@@ -30,7 +30,7 @@ import structlog
 from config.settings import Settings
 from ml.predictor_map import PredictorMap
 from ml.serving import OnnxPredictor
-from ml.store import ModelStore, StoreEvent, VersionInfo
+from ml.store import ModelStore, VersionInfo
 from ml.training import TrainingBackend, TrainJob, ensemble_weight, save_bar_cache
 from strategy.baseline import Predictor
 from strategy.features import BarColumns, FeatureSpec
@@ -86,22 +86,6 @@ class ModelManager:
         self._stopping = threading.Event()
         self.trained = 0
         self.failed = 0
-
-    # -- store events -> journal --------------------------------------------------------
-
-    @staticmethod
-    def journal_hook(journal: Journal) -> Callable[[StoreEvent], None]:
-        def hook(event: StoreEvent) -> None:
-            journal.record_model_event(
-                event.event,
-                symbol=event.symbol,
-                kind=event.kind,
-                version=event.version,
-                details=event.details,
-                time=event.time,
-            )
-
-        return hook
 
     # -- serving ------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import filelock
 
@@ -1461,3 +1461,34 @@ def _compact(raw: Mapping[str, str], live: list[str]) -> dict[str, str]:
             continue
         out[version] = _TOMBSTONE if version not in live else stage
     return dict(sorted(out.items(), key=lambda kv: _version_key(kv[0])))
+
+
+class ModelEventSink(Protocol):
+    """What ``journal_hook`` needs: the journal's ``record_model_event``."""
+
+    def record_model_event(
+        self,
+        event: str,
+        *,
+        symbol: str | None = None,
+        kind: str | None = None,
+        version: str | None = None,
+        details: Mapping[str, object] | None = None,
+        time: datetime | None = None,
+    ) -> object: ...
+
+
+def journal_hook(journal: ModelEventSink) -> Callable[[StoreEvent], None]:
+    """An ``on_event`` hook that records every store event as a ``model_events`` row."""
+
+    def hook(event: StoreEvent) -> None:
+        journal.record_model_event(
+            event.event,
+            symbol=event.symbol,
+            kind=event.kind,
+            version=event.version,
+            details=event.details,
+            time=event.time,
+        )
+
+    return hook

@@ -15,6 +15,7 @@ the last processed bar never runs ahead of the trades it produced.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -57,6 +58,7 @@ class TradingEngine:
         duration_s: float | None = None,
         heartbeat_every_s: float = 5.0,
         crash: CrashPoint | None = None,
+        keep_bars: int = 0,
     ) -> None:
         self._feed = feed
         self._strategy = strategy
@@ -75,14 +77,25 @@ class TradingEngine:
         self._heartbeat_every_s = heartbeat_every_s
         self._crash = crash or CrashPoint(None)
         self._open: dict[int, Position] = {}
+        # The latest bars per symbol, for retraining on what the daemon has seen.
+        self._keep_bars = keep_bars
+        self.recent_bars: dict[str, deque[Bar]] = {}
         self.stats = EngineStats()
 
     def remember_position(self, position: Position) -> None:
         self._open[position.position_id] = position
 
+    def _keep(self, bar: Bar) -> None:
+        if self._keep_bars:
+            buf = self.recent_bars.get(bar.symbol)
+            if buf is None:
+                buf = self.recent_bars[bar.symbol] = deque(maxlen=self._keep_bars)
+            buf.append(bar)
+
     def warm_up(self, history: list[Bar]) -> int:
         for bar in history:
             self._strategy.warm(bar)
+            self._keep(bar)
         return len(history)
 
     async def run(self, stop: asyncio.Event) -> str:
@@ -114,6 +127,7 @@ class TradingEngine:
         return reason
 
     async def _process(self, bar: Bar) -> None:
+        self._keep(bar)
         if self._simulated is not None:
             await self._simulated.on_bar(bar)
         deals = await self._broker.drain_closed_deals()

@@ -49,7 +49,11 @@ def settings_for(tmp_path: Path, **extra: str) -> Settings:
 
 def run_in_process(settings: Settings, max_bars: int, clock: FakeClock | None = None) -> int:
     clock = clock or FakeClock(datetime(2026, 1, 5, 8, 0, tzinfo=UTC))
-    return asyncio.run(run_daemon(settings, clock=clock, max_bars=max_bars, install_signals=False))
+    return asyncio.run(
+        run_daemon(
+            settings, clock=clock, max_bars=max_bars, install_signals=False, command_poll_s=None
+        )
+    )
 
 
 def query(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:

@@ -69,7 +69,7 @@ async def run_once(settings: Settings, bars: int, backend: object = None) -> dic
         await asyncio.to_thread(daemon.models.wait_idle)
         await asyncio.sleep(0)
         serving = {kind: p.version for kind, p in daemon.predictors.snapshot("EURUSD").items()}
-        await serve(daemon, install_signals=False)
+        await serve(daemon, install_signals=False, command_poll_s=None)
     finally:
         daemon.journal.close()
     return serving
