@@ -259,6 +259,8 @@ class ModelManager:
             seconds=round(outcome.seconds, 1),
             **{k: round(v, 4) for k, v in outcome.metrics.items()},
         )
+        # Keep the newest versions plus every aliased one (models.retention).
+        self._store.apply_retention(symbol, kind)
         if self._store.resolve(symbol, kind) is None and not self._stopping.is_set():
             info = self._store.promote(symbol, kind, info.version)
             try:

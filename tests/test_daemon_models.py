@@ -148,6 +148,23 @@ def test_failed_training_is_journaled_and_the_baseline_keeps_serving(tmp_path: P
     assert [p for p in leftovers if p.is_dir()] == []
 
 
+def test_retraining_keeps_only_the_newest_versions_plus_aliased(tmp_path: Path) -> None:
+    settings = tiny_settings(
+        tmp_path,
+        SCALPER__MODELS__RETENTION="2",
+        SCALPER__MODELS__MAX_MODEL_AGE_S="60",  # every restart finds xgb stale
+        **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")},
+    )
+    for _ in range(4):
+        asyncio.run(run_once(settings, 120))
+    kind_dir = tmp_path / "models" / "EURUSD" / "xgb"
+    kept = sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
+    # 1.0.0 is production (a retrain stays validated until promoted), 1.0.2/1.0.3 newest.
+    assert kept == ["1.0.0", "1.0.2", "1.0.3"]
+    events = [r[0] for r in query(tmp_path / "journal.sqlite3", "SELECT event FROM model_events")]
+    assert "retention_deleted" in events
+
+
 @pytest.mark.parametrize("weight_by", ["settings", "validation"])
 def test_ensemble_weights_follow_the_setting(tmp_path: Path, weight_by: str) -> None:
     settings = tiny_settings(
