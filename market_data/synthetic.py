@@ -76,7 +76,6 @@ from decimal import Decimal
 
 import numpy as np
 import pandas as pd
-from scipy.signal import lfilter
 
 from market_data.bars import BAR_COLUMNS
 
@@ -303,6 +302,9 @@ class SyntheticMarket:
         return np.concatenate(found), slot
 
     def _make_chunk(self, index: int, carry: _Carry) -> tuple[_Chunk, _Carry]:
+        # Imported here: scipy.signal costs ~1 s to import, and only generation needs it.
+        from scipy.signal import lfilter
+
         n = CHUNK_BARS
         k = self.signal_strength
         tf = self.timeframe_s
