@@ -312,17 +312,20 @@ async def start_daemon(
         market_now = max((b.time for b in history), default=clock.now())
         for symbol in settings.trading.symbols:
             missing, stale = models.missing_or_stale(symbol, market_now)
-            if not missing and not stale:
-                continue
             bars = [b for b in history if b.symbol == symbol]
-            rows = settings.models.initial_train_bars if missing else settings.models.train_bars
-            models.request_training(
-                symbol,
-                missing + stale,
-                BarColumns.from_bars(bars[-rows:]),
-                reason="no model" if missing else "stale",
-                rows=rows,
-            )
+            for kinds, reason, rows in (
+                (missing, "no usable model", settings.models.initial_train_bars),
+                (stale, "stale", settings.models.train_bars),
+            ):
+                if kinds:
+                    models.request_training(
+                        symbol,
+                        kinds,
+                        BarColumns.from_bars(bars[-rows:]),
+                        reason=reason,
+                        rows=rows,
+                        promote=True,
+                    )
         models.start()
         if settings.models.retrain_first_when_stale:
             await asyncio.to_thread(models.wait_idle)

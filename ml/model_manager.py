@@ -40,6 +40,7 @@ from utils.trade_journal import Journal
 log = structlog.get_logger(__name__)
 
 # Fastest kinds first: the first model-driven decision comes as early as possible.
+# Kinds not listed train after these, in the order asked.
 TRAINING_ORDER = ("xgb", "mlp", "rf", "lstm")
 
 
@@ -50,6 +51,9 @@ class TrainingRequest:
     cols: BarColumns
     reason: str
     rows: int
+    # Serve the result at once: a missing, unloadable or stale production model is
+    # replaced. A manual retrain waits for an operator's promote (no gates yet).
+    promote: bool = False
 
 
 class ModelManager:
@@ -157,11 +161,20 @@ class ModelManager:
     # -- training -----------------------------------------------------------------------
 
     def request_training(
-        self, symbol: str, kinds: Sequence[str], cols: BarColumns, *, reason: str, rows: int
+        self,
+        symbol: str,
+        kinds: Sequence[str],
+        cols: BarColumns,
+        *,
+        reason: str,
+        rows: int,
+        promote: bool = False,
     ) -> None:
-        ordered = tuple(k for k in TRAINING_ORDER if k in kinds)
+        # Known-fast kinds first; any other kind (a new registry entry) after them.
+        rank = {k: i for i, k in enumerate(TRAINING_ORDER)}
+        ordered = tuple(sorted(kinds, key=lambda k: rank.get(k, len(rank))))
         if ordered:
-            self._queue.put(TrainingRequest(symbol, ordered, cols, reason, rows))
+            self._queue.put(TrainingRequest(symbol, ordered, cols, reason, rows, promote))
 
     def start(self) -> None:
         if self._thread is None:
@@ -195,15 +208,81 @@ class ModelManager:
                 self._queue.task_done()
 
     def train_one(self, request: TrainingRequest, kind: str) -> VersionInfo | None:
+        """Train, register, and (when asked, or for a kind's first version) serve one kind.
+
+        Never raises: whatever fails is a ``training_runs`` row and an event, and
+        production stays as it was.
+        """
         symbol = request.symbol
+        run_id: int | None = None
+        draft: Path | None = None
+        finished = False
+        try:
+            run_id = self._journal.record_training_run(
+                started=self._clock.now(), symbol=symbol, kind=kind, status="running"
+            ).result()
+            cache = save_bar_cache(self._cache_dir / f"{symbol}.npz", request.cols)
+            draft = self._store.new_draft_dir(symbol, kind)
+            log.info("training_started", symbol=symbol, kind=kind, reason=request.reason)
+            outcome = self._backend.submit(self._job(symbol, kind, cache, draft, request)).result()
+            info = self._store.commit_draft(
+                draft, symbol=symbol, kind=kind, manifest=outcome.manifest
+            )
+            draft = None  # it is a version now
+            self.trained += 1
+            self._store.set_stage(symbol, kind, info.version, "validated")
+            self._journal.finish_training_run(
+                run_id,
+                finished=self._clock.now(),
+                status="done",
+                version=info.version,
+                metrics={**outcome.metrics, "seconds": round(outcome.seconds, 2)},
+            )
+            finished = True
+            log.info(
+                "training_done",
+                symbol=symbol,
+                kind=kind,
+                version=info.version,
+                seconds=round(outcome.seconds, 1),
+                **{k: round(v, 4) for k, v in outcome.metrics.items()},
+            )
+            first = self._store.resolve(symbol, kind) is None
+            if (request.promote or first) and not self._stopping.is_set():
+                info = self._store.promote(symbol, kind, info.version)
+                predictor = self._load(symbol, kind, info)
+                self._call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
+            # Keep the newest versions plus every aliased one (models.retention).
+            self._store.apply_retention(symbol, kind)
+            return info
+        except Exception as exc:  # noqa: BLE001 - a failed run is journaled; production stays
+            if draft is not None:
+                self._store.discard_draft(draft)
+            stopping = self._stopping.is_set()
+            error = "daemon stopped" if stopping else f"{type(exc).__name__}: {exc}"
+            if run_id is not None and not finished:
+                self._journal.finish_training_run(
+                    run_id,
+                    finished=self._clock.now(),
+                    status="cancelled" if stopping else "failed",
+                    error=error,
+                )
+            if not stopping:
+                self.failed += 1
+                self._journal.record_event(
+                    "error",
+                    "training_failed",
+                    f"{symbol} {kind}: {error}",
+                    {"reason": request.reason},
+                )
+                log.error("training_failed", symbol=symbol, kind=kind, error=error)
+            return None
+
+    def _job(
+        self, symbol: str, kind: str, cache: Path, draft: Path, request: TrainingRequest
+    ) -> TrainJob:
         spec = self._s.symbols[symbol]
-        started = self._clock.now()
-        run_id = self._journal.record_training_run(
-            started=started, symbol=symbol, kind=kind, status="running"
-        ).result()
-        cache = save_bar_cache(self._cache_dir / f"{symbol}.npz", request.cols)
-        draft = self._store.new_draft_dir(symbol, kind)
-        job = TrainJob(
+        return TrainJob(
             symbol=symbol,
             kind=kind,
             hyperparams={
@@ -219,59 +298,6 @@ class ModelManager:
             feature_params=dict(self._spec.params),
             max_rows=request.rows,
         )
-        log.info("training_started", symbol=symbol, kind=kind, reason=request.reason)
-        try:
-            outcome = self._backend.submit(job).result()
-            info = self._store.commit_draft(
-                draft, symbol=symbol, kind=kind, manifest=outcome.manifest
-            )
-        except Exception as exc:  # noqa: BLE001 - a failed run is journaled; production stays
-            self._store.discard_draft(draft)
-            if self._stopping.is_set():
-                self._journal.finish_training_run(
-                    run_id, finished=self._clock.now(), status="cancelled", error="daemon stopped"
-                )
-                return None
-            self.failed += 1
-            error = f"{type(exc).__name__}: {exc}"
-            self._journal.finish_training_run(
-                run_id, finished=self._clock.now(), status="failed", error=error
-            )
-            self._journal.record_event(
-                "error", "training_failed", f"{symbol} {kind}: {error}", {"reason": request.reason}
-            )
-            log.error("training_failed", symbol=symbol, kind=kind, error=error)
-            return None
-        self.trained += 1
-        self._store.set_stage(symbol, kind, info.version, "validated")
-        self._journal.finish_training_run(
-            run_id,
-            finished=self._clock.now(),
-            status="done",
-            version=info.version,
-            metrics={**outcome.metrics, "seconds": round(outcome.seconds, 2)},
-        )
-        log.info(
-            "training_done",
-            symbol=symbol,
-            kind=kind,
-            version=info.version,
-            seconds=round(outcome.seconds, 1),
-            **{k: round(v, 4) for k, v in outcome.metrics.items()},
-        )
-        # Keep the newest versions plus every aliased one (models.retention).
-        self._store.apply_retention(symbol, kind)
-        if self._store.resolve(symbol, kind) is None and not self._stopping.is_set():
-            info = self._store.promote(symbol, kind, info.version)
-            try:
-                predictor = self._load(symbol, kind, info)
-            except Exception as exc:  # noqa: BLE001 - journaled; the others keep serving
-                self._journal.record_event(
-                    "error", "model_load_failed", f"{symbol} {kind} {info.version}: {exc}", None
-                )
-                return info
-            self._call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
-        return info
 
     def reload(self, symbol: str, kind: str) -> None:
         """After promote/rollback: serve the (new) production version, or the baseline."""

@@ -1477,6 +1477,15 @@ class ModelEventSink(Protocol):
         time: datetime | None = None,
     ) -> object: ...
 
+    def record_event(
+        self, level: str, kind: str, message: str, details: Mapping[str, object] | None = None
+    ) -> object: ...
+
+
+# Store events an operator must see in ``status`` (the events table), not only in
+# model_events: a version that was refused, and what serves instead.
+_ALERTS: Final = {"integrity_failed": "error", "fallback": "warning"}
+
 
 def journal_hook(journal: ModelEventSink) -> Callable[[StoreEvent], None]:
     """An ``on_event`` hook that records every store event as a ``model_events`` row."""
@@ -1490,5 +1499,14 @@ def journal_hook(journal: ModelEventSink) -> Callable[[StoreEvent], None]:
             details=event.details,
             time=event.time,
         )
+        level = _ALERTS.get(event.event)
+        if level is not None:
+            reason = event.details.get("reason") or event.details.get("problems") or ""
+            journal.record_event(
+                level,
+                f"model_{event.event}",
+                f"{event.symbol} {event.kind} {event.version}: {event.event} {reason}".strip(),
+                dict(event.details),
+            )
 
     return hook

@@ -16,9 +16,11 @@ default ``LocalProcessBackend`` is a one-worker ``spawn`` process pool.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -157,8 +159,11 @@ def run_training(job: TrainJob) -> TrainOutcome:
         "metrics": {"holdout": metrics},
         "artifact_files": files,
     }
+    # Plain JSON values only: unpickling a library's own types (torch's TorchVersion)
+    # in the parent would import that library into the serving process.
+    plain = json.loads(json.dumps(manifest, default=str))
     return TrainOutcome(
-        job.symbol, job.kind, job.draft_dir, manifest, metrics, time.monotonic() - started
+        job.symbol, job.kind, job.draft_dir, plain, metrics, time.monotonic() - started
     )
 
 
@@ -170,24 +175,49 @@ class TrainingBackend(Protocol):
     def shutdown(self) -> None: ...
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int) -> None:
     # One thread per library: two threads collapse training ~5x next to a live loop.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    # A worker must not outlive a daemon that was killed: it would keep a core busy
+    # and write into a draft the restarted daemon has already cleaned up.
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A watchdog in the worker, outside the daemon's clock: it only checks liveness.
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:  # re-parented: the daemon is gone (POSIX)
+            os._exit(0)
 
 
 class LocalProcessBackend:
-    """One spawned worker process (the only start method on Windows, used everywhere)."""
+    """One spawned worker process (the only start method on Windows, used everywhere).
+
+    A worker that died (killed, out of memory) breaks the pool; the next job gets
+    a fresh one instead of failing until the daemon restarts.
+    """
 
     def __init__(self, max_workers: int = 1) -> None:
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=max_workers,
+        self._max_workers = max_workers
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self._max_workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
+            initargs=(os.getpid(),),
         )
 
     def submit(self, job: TrainJob) -> concurrent.futures.Future[TrainOutcome]:
-        return self._pool.submit(run_training, job)
+        try:
+            return self._pool.submit(run_training, job)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(run_training, job)
 
     def shutdown(self) -> None:
         """Stop now: a run in progress is abandoned (its draft is cleaned at next start)."""

@@ -118,6 +118,9 @@ def test_a_tampered_artifact_is_refused_and_the_kind_is_retrained(tmp_path: Path
     assert asyncio.run(run_once(settings, 20)) == {"xgb": "1.0.1"}
     events = [r[0] for r in query(journal, "SELECT event FROM model_events")]
     assert "integrity_failed" in events
+    # ...and the operator sees it in status's "last errors".
+    alerts = query(journal, "SELECT level, message FROM events WHERE kind='model_integrity_failed'")
+    assert alerts and alerts[0][0] == "error" and "xgb 1.0.0" in str(alerts[0][1])
 
 
 class FailingBackend:
@@ -148,7 +151,7 @@ def test_failed_training_is_journaled_and_the_baseline_keeps_serving(tmp_path: P
     assert [p for p in leftovers if p.is_dir()] == []
 
 
-def test_retraining_keeps_only_the_newest_versions_plus_aliased(tmp_path: Path) -> None:
+def test_stale_models_are_retrained_served_and_old_versions_pruned(tmp_path: Path) -> None:
     settings = tiny_settings(
         tmp_path,
         SCALPER__MODELS__RETENTION="2",
@@ -159,8 +162,11 @@ def test_retraining_keeps_only_the_newest_versions_plus_aliased(tmp_path: Path) 
         asyncio.run(run_once(settings, 120))
     kind_dir = tmp_path / "models" / "EURUSD" / "xgb"
     kept = sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
-    # 1.0.0 is production (a retrain stays validated until promoted), 1.0.2/1.0.3 newest.
-    assert kept == ["1.0.0", "1.0.2", "1.0.3"]
+    # A stale production is replaced by its retrain: 1.0.3 serves, 1.0.2 is previous;
+    # retention (2) removed 1.0.0 and 1.0.1.
+    assert kept == ["1.0.2", "1.0.3"]
+    aliases = json.loads((kind_dir / "aliases.json").read_text("utf-8"))
+    assert aliases["production"] == "1.0.3" and aliases["previous"] == "1.0.2"
     events = [r[0] for r in query(tmp_path / "journal.sqlite3", "SELECT event FROM model_events")]
     assert "retention_deleted" in events
 

@@ -171,7 +171,7 @@ class TorchKind(ModelKind):
     @classmethod
     def library_versions(cls) -> dict[str, str]:
         return {
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "safetensors": safetensors.__version__,
             "onnx": onnx.__version__,
             "numpy": np.__version__,
