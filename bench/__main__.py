@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import decision
+from bench import decision, models
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,12 +40,26 @@ def _machine() -> str:
 
 
 def _versions() -> str:
-    names = ["numpy", "pandas", "pydantic-settings", "structlog"]
+    names = [
+        "numpy",
+        "pandas",
+        "pydantic-settings",
+        "structlog",
+        "onnxruntime",
+        "scikit-learn",
+        "xgboost",
+        "torch",
+    ]
     parts = [f"Python {platform.python_version()}"]
     for name in names:
-        try:
-            parts.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
+        # xgboost ships as "xgboost" or, without the CUDA dependencies, "xgboost-cpu".
+        for dist in (name, f"{name}-cpu"):
+            try:
+                parts.append(f"{dist} {metadata.version(dist)}")
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
             parts.append(f"{name} (not installed)")
     return ", ".join(parts)
 
@@ -60,10 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         results = asyncio.run(decision.run(Path(tmp), quick=args.quick))
+        sections.append(decision.render(results))
+        for line in decision.summary_lines(results):
+            print(line)
+        # Last: its naive variant imports scikit-learn, xgboost and torch into this process.
+        model_results = asyncio.run(models.run(Path(tmp) / "models-bench", quick=args.quick))
+        sections.append(models.render(model_results))
+        for line in models.summary_lines(model_results):
+            print(line)
         elapsed = time.perf_counter() - t0
-    sections.append(decision.render(results))
-    for line in decision.summary_lines(results):
-        print(line)
     header = [
         "# Benchmarks",
         "",
@@ -73,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Machine: {_machine()}",
         f"- Libraries: {_versions()}",
         "- Wall-clock figures on a shared machine: compare rows of one run, not runs.",
+        "- Commands: `python -m bench` (full sizes, the figures below mean something) and "
+        "`python -m bench --quick` (smoke run for CI, small sizes); both rewrite this file.",
         "",
     ]
     if args.quick:

@@ -287,7 +287,7 @@ class ModelManager:
             kind=kind,
             hyperparams={
                 **self._s.models.kind(kind).hyperparams(),
-                **_seed_param(kind, self._s.models.seed),
+                **seed_param(kind, self._s.models.seed),
             },
             bars_path=str(cache),
             draft_dir=str(draft),
@@ -314,5 +314,5 @@ class ModelManager:
             self._predictors.swap(symbol, "baseline", self._baseline())
 
 
-def _seed_param(kind: str, seed: int) -> Mapping[str, int]:
+def seed_param(kind: str, seed: int) -> Mapping[str, int]:
     return {"random_state": seed} if kind in ("rf", "xgb") else {"seed": seed}
