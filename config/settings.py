@@ -230,7 +230,7 @@ class LSTMSettings(_KindSettings):
     seq_len: int = Field(60, ge=2, le=1000)
     hidden_size_1: int = Field(128, ge=1, le=2048)
     hidden_size_2: int = Field(64, ge=1, le=2048)
-    max_steps: int = Field(200, ge=1, le=1_000_000)
+    max_steps: int = Field(130, ge=1, le=1_000_000)
     batch_size: int = Field(256, ge=1, le=65_536)
     lr: float = Field(1e-3, gt=0, le=1)
     max_train_seconds: float = Field(900.0, gt=0)
