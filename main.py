@@ -308,7 +308,7 @@ async def start_daemon(
         for symbol in settings.trading.symbols:
             models.load_production(symbol)
         history = feed.history()
-        engine.warm_up(history)
+        engine.warm_up(history, feature_bars=max(settings.paper.history_bars, spec.window))
         market_now = max((b.time for b in history), default=clock.now())
         for symbol in settings.trading.symbols:
             missing, stale = models.missing_or_stale(symbol, market_now)

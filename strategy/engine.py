@@ -92,10 +92,22 @@ class TradingEngine:
                 buf = self.recent_bars[bar.symbol] = deque(maxlen=self._keep_bars)
             buf.append(bar)
 
-    def warm_up(self, history: list[Bar]) -> int:
+    def warm_up(self, history: list[Bar], *, feature_bars: int | None = None) -> int:
+        """Prime the strategy with history; keep all of it for retraining.
+
+        Only the last ``feature_bars`` bars of each symbol go through the features
+        and models (enough for the feature window and sequence models); a long
+        training history need not be replayed through them at every start.
+        """
+        counts: dict[str, int] = {}
         for bar in history:
-            self._strategy.warm(bar)
+            counts[bar.symbol] = counts.get(bar.symbol, 0) + 1
+        seen: dict[str, int] = {}
+        for bar in history:
             self._keep(bar)
+            seen[bar.symbol] = seen.get(bar.symbol, 0) + 1
+            if feature_bars is None or counts[bar.symbol] - seen[bar.symbol] < feature_bars:
+                self._strategy.warm(bar)
         return len(history)
 
     async def run(self, stop: asyncio.Event) -> str:
