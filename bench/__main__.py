@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import sys
@@ -29,13 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):  # no /proc on Windows: keep platform's answer
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs"
 
 

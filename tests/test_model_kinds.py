@@ -198,10 +198,13 @@ def test_learns_the_rule_better_than_chance_on_held_out_rows(
     assert accuracy > majority + 0.1, (accuracy, majority)
 
 
-def test_warmup_runs_every_input_shape(
+def test_warmup_runs_every_input_shape_and_changes_nothing(
     saved: tuple[str, dict[str, Any], ModelKind, Path, list[str]],
 ) -> None:
-    saved[2].warmup()
+    model = saved[2]
+    before = model.predict_proba(X_TEST[:80])
+    model.warmup()
+    np.testing.assert_array_equal(model.predict_proba(X_TEST[:80]), before)
 
 
 # ----------------------------------------------------------------------------- artifacts
