@@ -105,6 +105,7 @@ class ModelManager:
         predictor = OnnxPredictor.load(
             info.path, feature_hash=self._spec.hash, kind=kind, version=info.version
         )
+        predictor.stage = info.stage
         predictor.warmup()
         return predictor
 

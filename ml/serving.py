@@ -93,6 +93,9 @@ class OnnxPredictor:
     ) -> None:
         self.kind = kind
         self.version = version
+        # The store stage this version serves as: "production", or "previous" after
+        # a fallback (set by whoever loaded it; journaled with every prediction).
+        self.stage = "production"
         self.feature_hash = feature_hash
         self.feature_names = feature_names
         self.n_features = len(feature_names)

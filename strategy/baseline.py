@@ -37,6 +37,7 @@ class Predictor(Protocol):
     kind: str
     version: str
     feature_hash: str
+    stage: str
 
     def predict_proba(self, row: np.ndarray) -> np.ndarray:
         """``row``: float32 features in the spec's order -> (3,) probabilities down/flat/up."""
@@ -48,6 +49,7 @@ class Predictor(Protocol):
 class MomentumBaseline:
     kind = "baseline"
     version = "1.0.0"
+    stage = "baseline"
 
     def __init__(self, spec: FeatureSpec, *, gain: float = 1.5, flat_bias: float = 1.0) -> None:
         self.feature_hash = spec.hash

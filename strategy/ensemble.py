@@ -21,6 +21,7 @@ class ModelOutput:
     version: str
     proba: np.ndarray
     latency_us: float
+    stage: str = "production"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,6 @@ def predict_all(
             failures.append((kind, f"{type(exc).__name__}: {exc}"))
             continue
         latency_us = (timer() - t0) / 1000.0
-        outputs.append(ModelOutput(kind, predictor.version, proba, latency_us))
+        outputs.append(ModelOutput(kind, predictor.version, proba, latency_us, predictor.stage))
     result = tuple(outputs)
     return EnsembleResult(combine(result, weights), result, tuple(failures))

@@ -479,7 +479,7 @@ class ScalpingStrategy:
                 symbol=bar.symbol,
                 model=o.kind,
                 version=o.version,
-                stage="production",
+                stage=o.stage,
                 p_down=float(o.proba[0]),
                 p_flat=float(o.proba[1]),
                 p_up=float(o.proba[2]),

@@ -205,3 +205,23 @@ def test_ensemble_weights_follow_the_setting(tmp_path: Path, weight_by: str) -> 
             holdout = json.loads(path.read_text("utf-8"))["metrics"]["holdout"]
             expected[kind] = max(0.0, holdout["accuracy"] - holdout["majority_rate"])
         assert weights == pytest.approx(expected)
+
+
+def test_fallback_to_previous_is_served_and_journaled_with_its_stage(tmp_path: Path) -> None:
+    only_xgb = {f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
+    eager = tiny_settings(tmp_path, SCALPER__MODELS__MAX_MODEL_AGE_S="60", **only_xgb)
+    asyncio.run(run_once(eager, 30))  # 1.0.0
+    asyncio.run(run_once(eager, 30))  # stale: 1.0.1 production, 1.0.0 previous
+    onnx = tmp_path / "models" / "EURUSD" / "xgb" / "1.0.1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10])  # truncated
+    patient = tiny_settings(tmp_path, **only_xgb)  # 1.0.0 is not stale under 24 h
+    assert asyncio.run(run_once(patient, 40)) == {"xgb": "1.0.0"}
+    journal = tmp_path / "journal.sqlite3"
+    last = query(
+        journal,
+        "SELECT version, stage FROM predictions WHERE bar_time = "
+        "(SELECT max(bar_time) FROM predictions)",
+    )
+    assert last == [("1.0.0", "previous")]
+    kinds = {r[0] for r in query(journal, "SELECT kind FROM events")}
+    assert {"model_integrity_failed", "model_fallback"} <= kinds

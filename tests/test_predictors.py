@@ -43,6 +43,7 @@ def test_baseline_refuses_non_finite_input() -> None:
 class Fixed:
     def __init__(self, kind: str, proba: list[float], version: str = "1.0.0") -> None:
         self.kind, self.version, self.feature_hash = kind, version, SPEC.hash
+        self.stage = "production"
         self._p = np.array(proba)
 
     def predict_proba(self, row: np.ndarray) -> np.ndarray:
