@@ -607,11 +607,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_INVALID
     configure_logging(settings.logging.level, settings.logging.format)
-    if command == "status":
-        path = args.journal or Path(settings.storage.journal_path)
-        return cmd_status(path, check=args.check, clock=SystemClock())
-    if command in ("train", "models"):
-        return cli_models.run(settings, args, out=sys.stdout, clock=SystemClock())
+    try:
+        if command == "status":
+            path = args.journal or Path(settings.storage.journal_path)
+            return cmd_status(path, check=args.check, clock=SystemClock())
+        if command in ("train", "models"):
+            return cli_models.run(settings, args, out=sys.stdout, clock=SystemClock())
+    except BrokenPipeError:
+        # `python main.py status | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     # Until the loop's own handlers are installed, a stop request during start-up
     # still means a clean exit 0 (Ctrl-C raises KeyboardInterrupt, SIGTERM this).
     previous = signal.signal(signal.SIGTERM, _raise_stop)
