@@ -166,6 +166,21 @@ def _restore_paper_broker(settings: Settings, journal: Journal) -> PaperBroker:
     return broker
 
 
+# How often (market time) the running daemon looks for stale or missing models.
+STALENESS_CHECK_S = 3600.0
+
+
+def _check_models(
+    settings: Settings, models: ModelManager, engine: TradingEngine, now: datetime
+) -> None:
+    for symbol in settings.trading.symbols:
+
+        def bars(n: int, symbol: str = symbol) -> BarColumns:
+            return BarColumns.from_bars(list(engine.recent_bars[symbol])[-n:])
+
+        models.check_staleness(symbol, now, bars)
+
+
 @dataclass
 class Daemon:
     """Everything one running daemon is made of, wired once."""
@@ -301,6 +316,8 @@ async def start_daemon(
             duration_s=duration_s,
             crash=crash,
             keep_bars=max(settings.models.train_bars, settings.models.initial_train_bars),
+            every_market_s=STALENESS_CHECK_S,
+            periodic=lambda now: _check_models(settings, models, engine, now),
         )
         for pos in await broker.positions():
             engine.remember_position(pos)

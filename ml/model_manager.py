@@ -88,6 +88,9 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self.busy = threading.Event()
         self._stopping = threading.Event()
+        # (symbol, kind) queued or training: a second request for them is dropped.
+        self._pending: set[tuple[str, str]] = set()
+        self._pending_lock = threading.Lock()
         self.trained = 0
         self.failed = 0
 
@@ -173,9 +176,32 @@ class ModelManager:
     ) -> None:
         # Known-fast kinds first; any other kind (a new registry entry) after them.
         rank = {k: i for i, k in enumerate(TRAINING_ORDER)}
-        ordered = tuple(sorted(kinds, key=lambda k: rank.get(k, len(rank))))
+        with self._pending_lock:
+            fresh = [k for k in kinds if (symbol, k) not in self._pending]
+            self._pending.update((symbol, k) for k in fresh)
+        ordered = tuple(sorted(fresh, key=lambda k: rank.get(k, len(rank))))
         if ordered:
             self._queue.put(TrainingRequest(symbol, ordered, cols, reason, rows, promote))
+
+    def check_staleness(
+        self, symbol: str, market_now: datetime, bars: Callable[[int], BarColumns]
+    ) -> list[str]:
+        """While running: queue a replacement for kinds that went stale or are missing.
+
+        Called from the bar loop every so often (market time); ``bars(n)`` gives
+        the latest n bars the daemon has seen. Returns the kinds queued.
+        """
+        missing, stale = self.missing_or_stale(symbol, market_now)
+        with self._pending_lock:
+            wanted = [k for k in missing + stale if (symbol, k) not in self._pending]
+        if not wanted:
+            return []
+        rows = self._s.models.train_bars
+        self.request_training(
+            symbol, wanted, bars(rows), reason="stale or missing", rows=rows, promote=True
+        )
+        log.info("retrain_queued", symbol=symbol, kinds=wanted, market_time=market_now.isoformat())
+        return wanted
 
     def start(self) -> None:
         if self._thread is None:
@@ -203,7 +229,11 @@ class ModelManager:
                     return
                 self.busy.set()
                 for kind in request.kinds:
-                    self.train_one(request, kind)
+                    try:
+                        self.train_one(request, kind)
+                    finally:
+                        with self._pending_lock:
+                            self._pending.discard((request.symbol, kind))
             finally:
                 self.busy.clear()
                 self._queue.task_done()

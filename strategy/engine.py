@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -59,6 +60,8 @@ class TradingEngine:
         heartbeat_every_s: float = 5.0,
         crash: CrashPoint | None = None,
         keep_bars: int = 0,
+        every_market_s: float = 3600.0,
+        periodic: Callable[[datetime], None] | None = None,
     ) -> None:
         self._feed = feed
         self._strategy = strategy
@@ -80,6 +83,11 @@ class TradingEngine:
         # The latest bars per symbol, for retraining on what the daemon has seen.
         self._keep_bars = keep_bars
         self.recent_bars: dict[str, deque[Bar]] = {}
+        # Housekeeping ticked by market time (model staleness): a pure function of the
+        # bar clock, so replays and backtests see it at the same bars as live would.
+        self._periodic = periodic
+        self._every = timedelta(seconds=every_market_s)
+        self._next_periodic: datetime | None = None
         self.stats = EngineStats()
 
     def remember_position(self, position: Position) -> None:
@@ -158,6 +166,12 @@ class TradingEngine:
             self._journal.set_state(RISK_STATE_KEY, risk_state)
         if self.stats.bars % self._equity_every == 0:
             await self.snapshot_equity(bar.time)
+        if self._periodic is not None:
+            if self._next_periodic is None:
+                self._next_periodic = bar.time + self._every
+            elif bar.time >= self._next_periodic:
+                self._next_periodic = bar.time + self._every
+                self._periodic(bar.time)
 
     async def _refresh_open(self) -> None:
         self._open = {pos.position_id: pos for pos in await self._broker.positions()}

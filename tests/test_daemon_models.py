@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from config.settings import Settings, load_settings
 from main import serve, start_daemon
+from ml.model_manager import ModelManager
 from ml.training import InlineBackend, TrainJob, TrainOutcome
+from strategy.features import BarColumns
 from utils.clock import FakeClock
 
 KINDS = ("rf", "xgb", "lstm", "mlp")
@@ -136,7 +139,7 @@ class FailingBackend:
 def test_failed_training_is_journaled_and_the_baseline_keeps_serving(tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path)
     journal = tmp_path / "journal.sqlite3"
-    serving = asyncio.run(run_once(settings, 200, backend=FailingBackend()))
+    serving = asyncio.run(run_once(settings, 50, backend=FailingBackend()))
     assert serving == {"baseline": "1.0.0"}
     runs = query(journal, "SELECT status, error FROM training_runs")
     assert len(runs) == 4 and all(r[0] == "failed" for r in runs)
@@ -159,7 +162,7 @@ def test_stale_models_are_retrained_served_and_old_versions_pruned(tmp_path: Pat
         **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")},
     )
     for _ in range(4):
-        asyncio.run(run_once(settings, 120))
+        asyncio.run(run_once(settings, 50))  # under a market hour: start-up checks only
     kind_dir = tmp_path / "models" / "EURUSD" / "xgb"
     kept = sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
     # A stale production is replaced by its retrain: 1.0.3 serves, 1.0.2 is previous;
@@ -225,3 +228,56 @@ def test_fallback_to_previous_is_served_and_journaled_with_its_stage(tmp_path: P
     assert last == [("1.0.0", "previous")]
     kinds = {r[0] for r in query(journal, "SELECT kind FROM events")}
     assert {"model_integrity_failed", "model_fallback"} <= kinds
+
+
+def test_the_running_daemon_replaces_a_model_that_goes_stale(tmp_path: Path) -> None:
+    only_xgb = {f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
+    settings = tiny_settings(tmp_path, SCALPER__MODELS__MAX_MODEL_AGE_S="3600", **only_xgb)
+
+    async def scenario() -> tuple[list[str], list[str], str]:
+        daemon = await start_daemon(
+            settings,
+            clock=FakeClock(datetime(2026, 1, 5, tzinfo=UTC)),
+            max_bars=5,
+            backend=InlineBackend(),
+        )
+        try:
+            await asyncio.to_thread(daemon.models.wait_idle)
+            await asyncio.sleep(0)
+            bars = list(daemon.engine.recent_bars["EURUSD"])
+            later = bars[-1].time + timedelta(hours=2)
+
+            def recent(n: int) -> BarColumns:
+                return BarColumns.from_bars(bars[-n:])
+
+            first = daemon.models.check_staleness("EURUSD", later, recent)
+            again = daemon.models.check_staleness("EURUSD", later, recent)  # still queued
+            await asyncio.to_thread(daemon.models.wait_idle)
+            await asyncio.sleep(0)
+            return first, again, daemon.predictors.snapshot("EURUSD")["xgb"].version
+        finally:
+            await asyncio.to_thread(daemon.models.stop)
+            daemon.journal.close()
+
+    first, again, serving = asyncio.run(scenario())
+    assert first == ["xgb"] and again == []
+    assert serving == "1.0.1"
+
+
+def test_the_bar_loop_checks_models_once_per_market_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[datetime] = []
+
+    def spy(self: ModelManager, symbol: str, now: datetime, bars: object) -> list[str]:
+        calls.append(now)
+        return []
+
+    monkeypatch.setattr(ModelManager, "check_staleness", spy)
+    settings = tiny_settings(
+        tmp_path,
+        **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "XGB", "LSTM", "MLP")},
+    )
+    asyncio.run(run_once(settings, 300))  # 300 M1 bars = 5 market hours
+    assert len(calls) == 4
+    assert all(b - a >= timedelta(hours=1) for a, b in itertools.pairwise(calls))
