@@ -227,7 +227,7 @@ class XGBSettings(_KindSettings):
 
 class LSTMSettings(_KindSettings):
     architecture: Literal["lstm", "bilstm_attention"] = "lstm"
-    seq_len: int = Field(60, ge=2, le=1000)
+    seq_len: int = Field(30, ge=2, le=1000)
     hidden_size_1: int = Field(128, ge=1, le=2048)
     hidden_size_2: int = Field(64, ge=1, le=2048)
     max_steps: int = Field(130, ge=1, le=1_000_000)
