@@ -8,7 +8,7 @@ in fixed chunks of ``CHUNK_BARS``, each from its own random stream
 (``SeedSequence(seed, spawn_key=(chunk,))``) and the state carried over from
 the chunk before; a daemon resuming a replay regenerates and skips. A million
 M1 bars take about a second (everything is vectorised; recursions use
-``scipy.signal.lfilter``).
+a first-order recursion that reproduces ``scipy.signal.lfilter`` bit for bit).
 
 What the series looks like (UTC throughout):
 
@@ -164,6 +164,22 @@ _SYMBOL_DEFAULTS: dict[str, tuple[float, float, int, float]] = {
 }
 
 
+def _ar1(b0: float, phi: float, x: np.ndarray, z0: float) -> np.ndarray:
+    """``y[i] = b0 * x[i] + phi * y[i-1]`` started from ``z0 = phi * y[-1]``.
+
+    The same IEEE operations, in the same order, as ``scipy.signal.lfilter([b0],
+    [1, -phi], x, zi=[z0])`` (bit-identical; tested), without importing
+    scipy.signal, which costs ~0.8 s of every paper start-up. ~4 ms per chunk.
+    """
+    out = np.empty(len(x))
+    z = z0
+    for i, xi in enumerate(x.tolist()):
+        y = b0 * xi + z
+        out[i] = y
+        z = phi * y
+    return out
+
+
 def _initial_carry() -> _Carry:
     return _Carry(
         slot=0,
@@ -302,9 +318,6 @@ class SyntheticMarket:
         return np.concatenate(found), slot
 
     def _make_chunk(self, index: int, carry: _Carry) -> tuple[_Chunk, _Carry]:
-        # Imported here: scipy.signal costs ~1 s to import, and only generation needs it.
-        from scipy.signal import lfilter
-
         n = CHUNK_BARS
         k = self.signal_strength
         tf = self.timeframe_s
@@ -328,24 +341,18 @@ class SyntheticMarket:
 
         phi_fast = math.exp(-tf / _H_FAST_TAU_S)
         phi_slow = math.exp(-tf / _H_SLOW_TAU_S)
-        h_fast, _ = lfilter(
-            [math.sqrt(1 - phi_fast**2) * _H_FAST_SD],
-            [1.0, -phi_fast],
-            eta_fast,
-            zi=[phi_fast * carry.h_fast],
+        h_fast = _ar1(
+            math.sqrt(1 - phi_fast**2) * _H_FAST_SD, phi_fast, eta_fast, phi_fast * carry.h_fast
         )
-        h_slow, _ = lfilter(
-            [math.sqrt(1 - phi_slow**2) * _H_SLOW_SD],
-            [1.0, -phi_slow],
-            eta_slow,
-            zi=[phi_slow * carry.h_slow],
+        h_slow = _ar1(
+            math.sqrt(1 - phi_slow**2) * _H_SLOW_SD, phi_slow, eta_slow, phi_slow * carry.h_slow
         )
         h = h_fast + h_slow
         vol_level = np.exp(h - 0.5 * (_H_FAST_SD**2 + _H_SLOW_SD**2))
         sigma = self.volatility * math.sqrt(tf / 60.0) * season * vol_level
 
         # Momentum memory D_i = y_{i-1}, y_i = e_i + decay * y_{i-1}.
-        y, _ = lfilter([1.0], [1.0, -MOMENTUM_DECAY], e, zi=[MOMENTUM_DECAY * carry.y_momentum])
+        y = _ar1(1.0, MOMENTUM_DECAY, e, MOMENTUM_DECAY * carry.y_momentum)
         memory = np.concatenate(([carry.y_momentum], y[:-1]))
         move = np.minimum(np.abs(e), 4.0) - _E_ABS_MEAN
         nu = np.exp(_NU_SD * n_volume + _NU_MOVE * move - 0.5 * _NU_SD**2)

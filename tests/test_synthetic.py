@@ -190,3 +190,15 @@ def test_invalid_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="signal_strength"):
         SyntheticMarket(signal_strength=-1)
     assert len(SyntheticMarket().generate(0)) == 0
+
+
+def test_ar1_recursion_is_bit_identical_to_scipy_lfilter() -> None:
+    from scipy.signal import lfilter
+
+    from market_data.synthetic import _ar1
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_t(5, 5000)
+    for b0, phi, z0 in ((0.05, 0.9917, 0.3), (1.0, 0.8, -1.7), (0.02, 0.99986, 0.0)):
+        expected, _ = lfilter([b0], [1.0, -phi], x, zi=[z0])
+        assert np.array_equal(_ar1(b0, phi, x, z0), expected)
