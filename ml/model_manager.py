@@ -113,32 +113,45 @@ class ModelManager:
         return predictor
 
     def load_production(self, symbol: str) -> list[str]:
-        """Load every enabled kind's production model (call before the loop trades)."""
+        """Load every enabled kind's production model (call before the loop trades).
+
+        A production version that verifies but cannot be served (another feature
+        spec, an unreadable graph) is refused with a journaled reason and the
+        ``previous`` version serves instead, if there is one; otherwise the kind
+        is missing and gets trained.
+        """
         loaded = []
         for kind in self._s.models.enabled_kinds:
-            info = self._store.resolve(symbol, kind)
-            if info is None:
-                continue
-            try:
-                predictor = self._load(symbol, kind, info)
-            except Exception as exc:  # noqa: BLE001 - a bad artifact must not stop the daemon
-                self._journal.record_event(
-                    "error",
-                    "model_load_failed",
-                    f"{symbol} {kind} {info.version}: {exc}",
-                    {"symbol": symbol, "kind": kind, "version": info.version},
-                )
-                log.error("model_load_failed", symbol=symbol, kind=kind, error=str(exc))
-                continue
-            self._install_now(symbol, kind, predictor, info)
-            loaded.append(kind)
+            for alias in ("production", "previous"):
+                info = self._store.resolve(symbol, kind, alias)
+                if info is None:
+                    continue
+                try:
+                    predictor = self._load(symbol, kind, info)
+                except Exception as exc:  # noqa: BLE001 - a bad artifact must not stop the daemon
+                    self._journal.record_event(
+                        "error",
+                        "model_load_failed",
+                        f"{symbol} {kind} {info.version} ({alias}) refused: {exc}",
+                        {"symbol": symbol, "kind": kind, "version": info.version},
+                    )
+                    log.error(
+                        "model_load_failed", symbol=symbol, kind=kind, alias=alias, error=str(exc)
+                    )
+                    continue
+                self._install_now(symbol, kind, predictor, info)
+                loaded.append(kind)
+                break
         return loaded
 
     def missing_or_stale(self, symbol: str, market_now: datetime) -> tuple[list[str], list[str]]:
         missing, stale = [], []
+        serving = self._predictors.snapshot(symbol)
         for kind in self._s.models.enabled_kinds:
-            if kind not in self._predictors.snapshot(symbol):
+            if kind not in serving:
                 missing.append(kind)
+            elif serving[kind].version != self._store.aliases(symbol, kind).get("production"):
+                stale.append(kind)  # a fallback serves: production could not be loaded
             elif self._store.is_stale(symbol, kind, market_now, self._s.models.max_model_age_s):
                 stale.append(kind)
         return missing, stale
@@ -228,7 +241,14 @@ class ModelManager:
                 if request is None or self._stopping.is_set():
                     return
                 self.busy.set()
-                for kind in request.kinds:
+                for i, kind in enumerate(request.kinds, start=1):
+                    log.info(
+                        "training_progress",
+                        symbol=request.symbol,
+                        kind=kind,
+                        step=f"{i}/{len(request.kinds)}",
+                        reason=request.reason,
+                    )
                     try:
                         self.train_one(request, kind)
                     finally:

@@ -20,6 +20,7 @@ import pytest
 from config.settings import Settings, load_settings
 from main import serve, start_daemon
 from ml.model_manager import ModelManager
+from ml.store import ModelStore
 from ml.training import InlineBackend, TrainJob, TrainOutcome
 from strategy.features import BarColumns
 from utils.clock import FakeClock
@@ -218,7 +219,8 @@ def test_fallback_to_previous_is_served_and_journaled_with_its_stage(tmp_path: P
     onnx = tmp_path / "models" / "EURUSD" / "xgb" / "1.0.1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-10])  # truncated
     patient = tiny_settings(tmp_path, **only_xgb)  # 1.0.0 is not stale under 24 h
-    assert asyncio.run(run_once(patient, 40)) == {"xgb": "1.0.0"}
+    # The replacement the daemon queues fails here, so the fallback keeps serving.
+    assert asyncio.run(run_once(patient, 40, backend=FailingBackend())) == {"xgb": "1.0.0"}
     journal = tmp_path / "journal.sqlite3"
     last = query(
         journal,
@@ -281,3 +283,37 @@ def test_the_bar_loop_checks_models_once_per_market_hour(
     asyncio.run(run_once(settings, 300))  # 300 M1 bars = 5 market hours
     assert len(calls) == 4
     assert all(b - a >= timedelta(hours=1) for a, b in itertools.pairwise(calls))
+
+
+def test_a_production_built_for_another_feature_spec_is_refused_and_replaced(
+    tmp_path: Path,
+) -> None:
+    only_xgb = {f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
+    settings = tiny_settings(tmp_path, **only_xgb)
+    assert asyncio.run(run_once(settings, 20)) == {"xgb": "1.0.0"}
+    # A verified version whose model was built for other features, promoted by hand.
+    store = ModelStore(tmp_path / "models", clock=FakeClock())
+    good = store.version_info("EURUSD", "xgb", "1.0.0")
+    draft = store.new_draft_dir("EURUSD", "xgb")
+    for f in good.path.iterdir():
+        if f.name != "manifest.json":
+            (draft / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((draft / "model_meta.json").read_text("utf-8"))
+    meta["feature_hash"] = "0123456789abcdef"
+    (draft / "model_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    own = ("files", "version", "created", "kind", "manifest_version", "parent_version", "symbol")
+    manifest = {k: v for k, v in good.manifest.items() if k not in own}
+    foreign = store.commit_draft(draft, symbol="EURUSD", kind="xgb", manifest=manifest)
+    store.promote("EURUSD", "xgb", foreign.version)
+    # Restart: the foreign production is refused, 1.0.0 (previous) serves at once, and
+    # a replacement is trained and served.
+    serving = asyncio.run(run_once(settings, 20))
+    journal = tmp_path / "journal.sqlite3"
+    refused = query(journal, "SELECT message FROM events WHERE kind='model_load_failed'")
+    assert refused and foreign.version in str(refused[0][0])
+    assert serving["xgb"] not in ("1.0.0", foreign.version)
+    first_bars = query(
+        journal,
+        "SELECT DISTINCT version FROM model_events WHERE event='swapped' ORDER BY id",
+    )
+    assert ("1.0.0",) in first_bars
