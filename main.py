@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -166,19 +167,34 @@ def _restore_paper_broker(settings: Settings, journal: Journal) -> PaperBroker:
     return broker
 
 
-# How often (market time) the running daemon looks for stale or missing models.
-STALENESS_CHECK_S = 3600.0
+# How often (market time) the running daemon looks for stale or missing models and
+# applies the journal's prediction retention.
+HOUSEKEEPING_S = 3600.0
 
 
-def _check_models(
-    settings: Settings, models: ModelManager, engine: TradingEngine, now: datetime
-) -> None:
-    for symbol in settings.trading.symbols:
+class _Housekeeping:
+    """Ticked by the bar loop once per market hour (a function of market time only)."""
 
-        def bars(n: int, symbol: str = symbol) -> BarColumns:
-            return BarColumns.from_bars(list(engine.recent_bars[symbol])[-n:])
+    def __init__(self, settings: Settings, models: ModelManager, journal: Journal) -> None:
+        self._s = settings
+        self._models = models
+        self._journal = journal
+        self._pruned_day: date | None = None
+        self.engine: TradingEngine | None = None  # set once the engine exists
 
-        models.check_staleness(symbol, now, bars)
+    def _bars(self, symbol: str, n: int) -> BarColumns:
+        if self.engine is None:
+            raise RuntimeError("housekeeping ticked before the engine was wired")
+        return BarColumns.from_bars(list(self.engine.recent_bars[symbol])[-n:])
+
+    def __call__(self, now: datetime) -> None:
+        for symbol in self._s.trading.symbols:
+            self._models.check_staleness(symbol, now, functools.partial(self._bars, symbol))
+        if now.date() != self._pruned_day:
+            self._pruned_day = now.date()
+            keep = timedelta(days=self._s.storage.predictions_keep_days)
+            for symbol in self._s.trading.symbols:
+                self._journal.prune_predictions(symbol, now - keep)
 
 
 @dataclass
@@ -304,6 +320,7 @@ async def start_daemon(
             baseline=lambda: MomentumBaseline(spec),
         )
         models.weights = weights
+        housekeeping = _Housekeeping(settings, models, journal)
         engine = TradingEngine(
             feed=feed,
             strategy=strategy,
@@ -316,9 +333,10 @@ async def start_daemon(
             duration_s=duration_s,
             crash=crash,
             keep_bars=max(settings.models.train_bars, settings.models.initial_train_bars),
-            every_market_s=STALENESS_CHECK_S,
-            periodic=lambda now: _check_models(settings, models, engine, now),
+            every_market_s=HOUSEKEEPING_S,
+            periodic=housekeeping,
         )
+        housekeeping.engine = engine
         for pos in await broker.positions():
             engine.remember_position(pos)
         await broker.connect()

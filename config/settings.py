@@ -278,6 +278,9 @@ class StorageSettings(_Section):
     journal_path: str = "data/journal.sqlite3"
     models_dir: str = "models"
     equity_snapshot_every_bars: int = Field(60, ge=1)
+    # Prediction rows (one per model per bar) older than this, in market days, are
+    # deleted once a market day; trades, orders and events are kept forever.
+    predictions_keep_days: int = Field(90, ge=1, le=100_000)
     journal_batch_max: int = Field(500, ge=1, le=100_000)
 
 

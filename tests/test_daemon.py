@@ -15,14 +15,14 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from config.settings import Settings, load_settings
 from main import EXIT_INVALID, EXIT_OK, cmd_status, main, run_daemon
-from utils.clock import FakeClock, SystemClock
+from utils.clock import FakeClock, SystemClock, parse_iso_utc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -371,3 +371,13 @@ def test_sigterm_stops_cleanly_with_exit_0(tmp_path: Path) -> None:
     kinds = [r[0] for r in query(journal, "SELECT kind FROM events ORDER BY id")]
     assert kinds[-1] == "daemon_stopped"
     assert query(journal, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_old_predictions_are_pruned_once_a_market_day(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, SCALPER__STORAGE__PREDICTIONS_KEEP_DAYS="1")
+    assert run_in_process(settings, 4000) == EXIT_OK  # ~2.8 market days of M1 bars
+    journal = tmp_path / "journal.sqlite3"
+    first, last = query(journal, "SELECT min(bar_time), max(bar_time) FROM predictions")[0]
+    span = parse_iso_utc(str(last)) - parse_iso_utc(str(first))
+    assert span < timedelta(days=2), span  # older rows went; the last day or so stays
+    assert query(journal, "SELECT count(*) FROM trades")[0][0] > 0  # trades are never pruned

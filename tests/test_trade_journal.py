@@ -721,3 +721,24 @@ def test_summary_of_a_fresh_journal_has_no_win_rate(path: Path) -> None:
         conn.close()
     assert (s.trades_today, s.win_rate_today, s.pnl_today, s.pnl_total) == (0, None, 0.0, 0.0)
     assert s.last_equity is None and s.heartbeat is None and s.open_trades == ()
+
+
+def test_prune_predictions_deletes_only_that_symbols_older_bars(journal: Journal) -> None:
+    t0 = datetime(2024, 3, 1, tzinfo=UTC)
+
+    def row(symbol: str, minutes: int) -> PredictionRow:
+        when = t0 + timedelta(minutes=minutes)
+        return PredictionRow(when, when, symbol, "xgb", "1.0.0", "production", 0.2, 0.5, 0.3)
+
+    rows = [row(s, m) for s in ("EURUSD", "GBPUSD") for m in (0, 59, 60, 61, 120)]
+    assert journal.record_predictions(rows).result() == 10
+    # Bars opened before 01:00 go; 01:00 itself stays (the cut-off is exclusive).
+    deleted = journal.prune_predictions("EURUSD", t0 + timedelta(minutes=60, microseconds=5))
+    assert deleted.result() == 2
+    left = journal.call(
+        lambda c: c.execute(
+            "SELECT symbol, bar_time FROM predictions ORDER BY symbol, bar_time"
+        ).fetchall()
+    )
+    assert [r[1][11:16] for r in left if r[0] == "EURUSD"] == ["01:00", "01:01", "02:00"]
+    assert len([r for r in left if r[0] == "GBPUSD"]) == 5

@@ -1278,6 +1278,26 @@ class Journal:
 
         return self.submit(op)
 
+    def prune_predictions(self, symbol: str, before: datetime) -> JournalFuture[int]:
+        """Delete ``symbol``'s prediction rows for bars opened before ``before``.
+
+        Predictions are the bulk of the journal (one row per model per bar); this
+        is their retention (``storage.predictions_keep_days``). Trades, orders,
+        events and model events are never pruned. The future holds the rows deleted.
+        """
+        _require_aware("before", before)
+        # Whole seconds: bar times are stored by iso_utc without a fraction, so the
+        # text comparison orders them correctly.
+        cutoff = iso_utc(before.replace(microsecond=0))
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM predictions WHERE symbol = ? AND bar_time < ?", (symbol, cutoff)
+            )
+            return int(cur.rowcount)
+
+        return self.submit(op)
+
     def record_model_event(
         self,
         event: str,
