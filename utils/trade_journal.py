@@ -1058,6 +1058,21 @@ class Journal:
 
     # -- typed writes ----------------------------------------------------------------
 
+    def _insert(self, table: str, row: Mapping[str, object]) -> JournalFuture[int]:
+        """Queue one INSERT of ``row`` (column -> value) into ``table``; the future holds its id.
+
+        ``table`` and the column names are constants of this module, never input.
+        """
+        columns = ", ".join(row)
+        placeholders = ", ".join("?" * len(row))
+        sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"  # noqa: S608
+        params = tuple(row.values())
+
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(sql, params).lastrowid or 0)
+
+        return self.submit(op)
+
     def record_order(
         self,
         *,
@@ -1080,37 +1095,28 @@ class Journal:
         result: Mapping[str, object] | None = None,
     ) -> JournalFuture[int]:
         """One order request and its outcome (every request, accepted or not)."""
-        params = (
-            iso_utc(time),
-            client_order_id,
-            symbol,
-            action,
-            _opt_text(side),
-            volume,
-            price,
-            sl,
-            tp,
-            position_id,
-            retcode,
-            retcode_name,
-            result_price,
-            result_volume,
-            comment,
-            _dumps_opt(request),
-            _dumps_opt(result),
+        return self._insert(
+            "orders",
+            {
+                "time": iso_utc(time),
+                "client_order_id": client_order_id,
+                "symbol": symbol,
+                "action": action,
+                "side": _opt_text(side),
+                "volume": volume,
+                "price": price,
+                "sl": sl,
+                "tp": tp,
+                "position_id": position_id,
+                "retcode": retcode,
+                "retcode_name": retcode_name,
+                "result_price": result_price,
+                "result_volume": result_volume,
+                "comment": comment,
+                "request_json": _dumps_opt(request),
+                "result_json": _dumps_opt(result),
+            },
         )
-
-        def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO orders (time, client_order_id, symbol, action, side, volume, "
-                "price, sl, tp, position_id, retcode, retcode_name, result_price, "
-                "result_volume, comment, request_json, result_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params,
-            )
-            return int(cur.lastrowid or 0)
-
-        return self.submit(op)
 
     def open_trade(self, trade: TradeOpen) -> JournalFuture[int]:
         """Insert an open trade; the same client order id again is a no-op. Returns its id."""
@@ -1197,23 +1203,16 @@ class Journal:
         time: datetime | None = None,
     ) -> JournalFuture[int]:
         """An operational event; ``level`` is one of LEVELS (case-insensitive)."""
-        params = (
-            iso_utc(time or self._clock.now()),
-            _level(level),
-            kind,
-            message,
-            _dumps_opt(details),
+        return self._insert(
+            "events",
+            {
+                "time": iso_utc(time or self._clock.now()),
+                "level": _level(level),
+                "kind": kind,
+                "message": message,
+                "details_json": _dumps_opt(details),
+            },
         )
-
-        def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO events (time, level, kind, message, details_json) "
-                "VALUES (?, ?, ?, ?, ?)",
-                params,
-            )
-            return int(cur.lastrowid or 0)
-
-        return self.submit(op)
 
     def record_equity(
         self,
@@ -1224,17 +1223,17 @@ class Journal:
         free_margin: float,
         open_positions: int,
     ) -> JournalFuture[int]:
-        params = (iso_utc(time), balance, equity, margin, free_margin, int(open_positions))
-
-        def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO equity (time, balance, equity, margin, free_margin, "
-                "open_positions) VALUES (?, ?, ?, ?, ?, ?)",
-                params,
-            )
-            return int(cur.lastrowid or 0)
-
-        return self.submit(op)
+        return self._insert(
+            "equity",
+            {
+                "time": iso_utc(time),
+                "balance": balance,
+                "equity": equity,
+                "margin": margin,
+                "free_margin": free_margin,
+                "open_positions": int(open_positions),
+            },
+        )
 
     def set_state(self, key: str, value: object) -> JournalFuture[None]:
         """Store a JSON-able value under ``key`` (encoded now, so later mutation is harmless)."""
@@ -1309,24 +1308,17 @@ class Journal:
         time: datetime | None = None,
     ) -> JournalFuture[int]:
         """trained, validated, rejected, promoted, swapped, rolled_back, drift, ..."""
-        params = (
-            iso_utc(time or self._clock.now()),
-            symbol,
-            kind,
-            version,
-            event,
-            _dumps_opt(details),
+        return self._insert(
+            "model_events",
+            {
+                "time": iso_utc(time or self._clock.now()),
+                "symbol": symbol,
+                "kind": kind,
+                "version": version,
+                "event": event,
+                "details_json": _dumps_opt(details),
+            },
         )
-
-        def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO model_events (time, symbol, kind, version, event, details_json) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                params,
-            )
-            return int(cur.lastrowid or 0)
-
-        return self.submit(op)
 
     def record_training_run(
         self,
@@ -1341,26 +1333,19 @@ class Journal:
         error: str | None = None,
     ) -> JournalFuture[int]:
         """Insert a training run; the future holds its id (for ``finish_training_run``)."""
-        params = (
-            iso_utc(started),
-            None if finished is None else iso_utc(finished),
-            symbol,
-            kind,
-            version,
-            status,
-            _dumps_opt(metrics),
-            error,
+        return self._insert(
+            "training_runs",
+            {
+                "started": iso_utc(started),
+                "finished": None if finished is None else iso_utc(finished),
+                "symbol": symbol,
+                "kind": kind,
+                "version": version,
+                "status": status,
+                "metrics_json": _dumps_opt(metrics),
+                "error": error,
+            },
         )
-
-        def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO training_runs (started, finished, symbol, kind, version, status, "
-                "metrics_json, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                params,
-            )
-            return int(cur.lastrowid or 0)
-
-        return self.submit(op)
 
     def finish_training_run(
         self,
