@@ -391,15 +391,10 @@ class PaperBroker:
             volume=close_volume,
             position_id=position.position_id,
         )
-        pos = self._positions.get(position.position_id)
-        if pos is None:
-            return self._reject(
-                request, retcodes.POSITION_CLOSED, f"position {position.position_id} is not open"
-            )
-        spec = self._spec(pos.symbol)
-        bar = self._last.get(pos.symbol)
-        if bar is None:
-            return self._reject(request, retcodes.MARKET_CLOSED, f"no price for {pos.symbol} yet")
+        found = self._priced_position(request, position.position_id)
+        if isinstance(found, OrderResult):
+            return found
+        pos, spec, bar = found
         if volume is None:
             close_volume = pos.volume
         else:
@@ -460,15 +455,10 @@ class PaperBroker:
             tp=tp,
             position_id=position.position_id,
         )
-        pos = self._positions.get(position.position_id)
-        if pos is None:
-            return self._reject(
-                request, retcodes.POSITION_CLOSED, f"position {position.position_id} is not open"
-            )
-        spec = self._spec(pos.symbol)
-        bar = self._last.get(pos.symbol)
-        if bar is None:
-            return self._reject(request, retcodes.MARKET_CLOSED, f"no price for {pos.symbol} yet")
+        found = self._priced_position(request, position.position_id)
+        if isinstance(found, OrderResult):
+            return found
+        pos, spec, bar = found
         bid, ask = self._quotes(bar, spec)
         current = bid if pos.side is Side.BUY else ask
         new_sl, new_tp = _stop_value(sl, spec), _stop_value(tp, spec)
@@ -487,6 +477,21 @@ class PaperBroker:
         )
 
     # -- internals ---------------------------------------------------------------------
+
+    def _priced_position(
+        self, request: OrderRequest, position_id: int
+    ) -> tuple[_OpenPosition, SymbolSpec, Bar] | OrderResult:
+        """The open position with its spec and current bar, or the rejection to return."""
+        pos = self._positions.get(position_id)
+        if pos is None:
+            return self._reject(
+                request, retcodes.POSITION_CLOSED, f"position {position_id} is not open"
+            )
+        spec = self._spec(pos.symbol)
+        bar = self._last.get(pos.symbol)
+        if bar is None:
+            return self._reject(request, retcodes.MARKET_CLOSED, f"no price for {pos.symbol} yet")
+        return pos, spec, bar
 
     def _spec(self, symbol: str) -> SymbolSpec:
         spec = self._specs.get(symbol)
