@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import os
 import signal
 import sqlite3
@@ -38,14 +37,22 @@ from ml.predictor_map import PredictorMap
 from ml.store import ModelStore, journal_hook
 from ml.training import LocalProcessBackend, TrainingBackend
 from strategy.baseline import MomentumBaseline
-from strategy.engine import LAST_BAR_KEY, RISK_STATE_KEY, TradingEngine
+from strategy.engine import RISK_STATE_KEY, TradingEngine
 from strategy.features import BarColumns, FeatureSpec
 from strategy.scalper import CRASH_ENV, ENTRIES_STATE_KEY, CrashPoint, ScalpingStrategy
 from utils.clock import Clock, SystemClock, iso_utc, parse_iso_utc
 from utils.commands import serve_commands
 from utils.logsetup import configure_logging
 from utils.tasks import TaskSupervisor
-from utils.trade_journal import Journal, JournalError, JournalSummary, fetch_state, summary
+from utils.trade_journal import (
+    LAST_BAR_KEY,
+    Journal,
+    JournalError,
+    JournalSummary,
+    fetch_market_times,
+    fetch_state,
+    summary,
+)
 
 log = structlog.get_logger("main")
 
@@ -560,11 +567,7 @@ def cmd_status(journal_path: Path, *, check: bool, clock: Clock, out: TextIO | N
 
 def _market_now(conn: sqlite3.Connection) -> datetime | None:
     """The open time of the latest processed bar: "today" in a replay is the market's day."""
-    rows = conn.execute(
-        "SELECT value FROM state WHERE substr(key, 1, ?) = ?", (len(LAST_BAR_KEY), LAST_BAR_KEY)
-    ).fetchall()
-    times = [parse_iso_utc(json.loads(r[0])) for r in rows]
-    return max(times) if times else None
+    return max(fetch_market_times(conn).values(), default=None)
 
 
 def format_summary(s: JournalSummary, *, wall_now: datetime) -> str:

@@ -55,7 +55,7 @@ from ml.store import (
     parse_version,
 )
 from strategy.features import BarColumns, FeatureSpec
-from utils.clock import Clock, iso_utc, parse_iso_utc
+from utils.clock import Clock, iso_utc
 from utils.commands import (
     CommandQueueError,
     CommandRow,
@@ -64,7 +64,7 @@ from utils.commands import (
     enqueue,
     wait_for,
 )
-from utils.trade_journal import Journal, JournalError
+from utils.trade_journal import Journal, JournalError, fetch_market_times
 
 if TYPE_CHECKING:
     from market_data.feeds import FrameSource
@@ -74,8 +74,6 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_INVALID: Final = 2
 
-# strategy.engine.LAST_BAR_KEY; not imported from there, which would pull in the serving code.
-LAST_BAR_KEY: Final = "feed.last_bar_time."
 COMMAND_TIMEOUT_S: Final = 120.0
 TRAIN_TIMEOUT_S: Final = 3600.0
 DEFAULT_EVENTS: Final = 20
@@ -310,19 +308,11 @@ def market_times(journal_path: Path | str) -> dict[str, datetime]:
     except JournalError:
         return {}
     try:
-        rows = conn.execute(
-            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?",
-            (len(LAST_BAR_KEY), LAST_BAR_KEY),
-        ).fetchall()
+        return fetch_market_times(conn)
     except sqlite3.Error:
         return {}
     finally:
         conn.close()
-    times: dict[str, datetime] = {}
-    for key, value in rows:
-        with contextlib.suppress(ValueError, TypeError):
-            times[str(key)[len(LAST_BAR_KEY) :]] = parse_iso_utc(json.loads(value))
-    return times
 
 
 def _now_for(symbol: str, market: Mapping[str, datetime], wall: datetime) -> tuple[datetime, str]:

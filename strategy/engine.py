@@ -28,12 +28,10 @@ from market_data.bars import Bar
 from market_data.feeds import ReplayFeed
 from strategy.scalper import CrashPoint, ScalpingStrategy
 from utils.clock import Clock, iso_utc
-from utils.trade_journal import Journal
+from utils.trade_journal import HEARTBEAT_KEY, LAST_BAR_KEY, Journal
 
 log = structlog.get_logger(__name__)
 
-HEARTBEAT_KEY = "daemon.heartbeat"
-LAST_BAR_KEY = "feed.last_bar_time."
 RISK_STATE_KEY = "risk.state"
 
 

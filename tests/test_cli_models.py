@@ -243,10 +243,12 @@ def test_list_refuses_an_unknown_symbol_or_kind(
     assert "no models for GBPUSD" in run.text
 
 
-def test_last_bar_key_matches_the_engine() -> None:
-    from strategy.engine import LAST_BAR_KEY
+def test_market_times_read_the_key_the_engine_writes() -> None:
+    from strategy import engine
+    from utils import trade_journal
 
-    assert cli_models.LAST_BAR_KEY == LAST_BAR_KEY
+    # One definition, used by the engine (writer) and the CLI (reader).
+    assert engine.LAST_BAR_KEY is trade_journal.LAST_BAR_KEY
 
 
 # ----------------------------------------------------------------------------- show / diff

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import queue
@@ -46,6 +47,8 @@ APPLICATION_ID: Final = 0x5343414C  # "SCAL": marks a file as this daemon's jour
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 5000
 HEARTBEAT_KEY: Final = "daemon.heartbeat"
+# ``state`` key prefix: + symbol -> open time of the last bar the daemon processed.
+LAST_BAR_KEY: Final = "feed.last_bar_time."
 LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
 _V1_TRADING_CORE = """
@@ -581,6 +584,19 @@ def _event_row(r: sqlite3.Row) -> EventRow:
 def fetch_state(conn: sqlite3.Connection, key: str, default: object = None) -> object:
     rows = _rows(conn, "SELECT value FROM state WHERE key = ?", (key,))
     return json.loads(rows[0]["value"]) if rows else default
+
+
+def fetch_market_times(conn: sqlite3.Connection) -> dict[str, datetime]:
+    """Each symbol's last processed bar time (market time); unreadable values are skipped."""
+    rows = conn.execute(
+        "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?",
+        (len(LAST_BAR_KEY), LAST_BAR_KEY),
+    ).fetchall()
+    times: dict[str, datetime] = {}
+    for key, value in rows:
+        with contextlib.suppress(ValueError, TypeError):
+            times[str(key)[len(LAST_BAR_KEY) :]] = parse_iso_utc(json.loads(value))
+    return times
 
 
 def fetch_open_trades(conn: sqlite3.Connection) -> list[TradeRow]:
