@@ -205,10 +205,12 @@ class _KindSettings(_Section):
     enabled: bool = True
     # Weight in the ensemble when models.weight_by = "settings".
     weight: float = Field(1.0, ge=0, le=100)
+    # Scheduled retrain of this kind, in market seconds (0 = only on triggers).
+    retrain_every_s: int = Field(14_400, ge=0)
 
     def hyperparams(self) -> dict[str, object]:
-        """Constructor arguments of the model kind (everything but enabled/weight)."""
-        return self.model_dump(exclude={"enabled", "weight"})
+        """Constructor arguments of the model kind (not enabled/weight/schedule)."""
+        return self.model_dump(exclude={"enabled", "weight", "retrain_every_s"})
 
 
 class RFSettings(_KindSettings):
@@ -226,6 +228,7 @@ class XGBSettings(_KindSettings):
 
 
 class LSTMSettings(_KindSettings):
+    retrain_every_s: int = Field(86_400, ge=0)
     architecture: Literal["lstm", "bilstm_attention"] = "lstm"
     seq_len: int = Field(30, ge=2, le=1000)
     hidden_size_1: int = Field(128, ge=1, le=2048)
@@ -272,6 +275,72 @@ class ModelsSettings(_Section):
     @property
     def enabled_kinds(self) -> tuple[str, ...]:
         return tuple(k for k in ("rf", "xgb", "lstm", "mlp") if self.kind(k).enabled)
+
+
+class ValidationSettings(_Section):
+    """Gates every candidate must pass before it may shadow (ml/validation.py)."""
+
+    # Holdout accuracy minus the majority-class rate must be at least this.
+    min_accuracy_edge: float = Field(0.0, ge=-1, le=1)
+    # Holdout log-loss at most this (ln 3 = 1.0986 is a uniform guess).
+    max_log_loss: float = Field(1.0986, gt=0)
+    # Against the production model on the same holdout: worse by at most these.
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    max_log_loss_increase: float = Field(0.01, ge=0)
+    # Cost-aware simulated run on the holdout (spread + commission).
+    min_trades: int = Field(30, ge=0)
+    min_sharpe: float = -1.0
+    max_drawdown_pct: float = Field(25.0, gt=0, le=100)
+    min_win_rate: float = Field(0.0, ge=0, le=1)
+    min_profit_factor: float = Field(0.0, ge=0)
+    # The candidate's simulated net P&L must be at least the baseline predictor's.
+    beat_baseline: bool = True
+    # Single-row ONNX latency p99 (milliseconds).
+    max_latency_p99_ms: float = Field(5.0, gt=0)
+
+
+class AutotrainSettings(_Section):
+    """The auto-trainer: schedule, triggers, shadow, rollback (ml/auto_trainer.py)."""
+
+    enabled: bool = True
+    # Live: how often the scheduler thread checks what is due (wall seconds).
+    tick_s: float = Field(5.0, gt=0, le=3600)
+    # A training job running longer than this is killed and recorded as failed.
+    job_timeout_s: float = Field(1800.0, gt=0)
+    # A due job that could not start within this many seconds is skipped to the next.
+    misfire_grace_s: int = Field(300, ge=1)
+    # Shadow: candidate vs production on live bars (scored once labels are known).
+    shadow_min_bars: int = Field(300, ge=10)
+    shadow_max_bars: int = Field(3000, ge=10)
+    # Not-worse margin in mean log-loss and the one-sided test's significance level.
+    shadow_margin: float = Field(0.02, ge=0)
+    shadow_alpha: float = Field(0.05, gt=0, lt=0.5)
+    # Fraction of position size that follows the shadow candidate (0 = no canary).
+    canary_fraction: float = Field(0.0, ge=0, le=0.5)
+    # After a promotion the previous model keeps predicting beside it; the same test
+    # over this many scored bars rolls back a new model that is worse.
+    rollback_min_bars: int = Field(300, ge=10)
+    rollback_max_bars: int = Field(3000, ge=10)
+    rollback_margin: float = Field(0.02, ge=0)
+    # Emergency retrain: closed trades' win rate or drawdown since the last promotion.
+    emergency_check_every_s: int = Field(900, ge=60)
+    emergency_min_trades: int = Field(20, ge=1)
+    emergency_min_win_rate: float = Field(0.25, ge=0, le=1)
+    emergency_max_drawdown_pct: float = Field(5.0, gt=0, le=100)
+    # Drift: per-feature KS + PSI of recent bars against the model's reference sample.
+    drift_check_every_s: int = Field(3600, ge=60)
+    drift_window_bars: int = Field(1000, ge=50)
+    drift_alpha: float = Field(0.01, gt=0, lt=1)
+    drift_psi_threshold: float = Field(0.25, gt=0)
+    drift_min_share: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutotrainSettings:
+        if self.shadow_max_bars < self.shadow_min_bars:
+            raise ValueError("autotrain.shadow_max_bars must be >= autotrain.shadow_min_bars")
+        if self.rollback_max_bars < self.rollback_min_bars:
+            raise ValueError("autotrain.rollback_max_bars must be >= autotrain.rollback_min_bars")
+        return self
 
 
 class StorageSettings(_Section):
@@ -326,6 +395,8 @@ class Settings(BaseSettings):
     risk: RiskSettings = RiskSettings()
     strategy: StrategySettings = StrategySettings()
     models: ModelsSettings = ModelsSettings()
+    validation: ValidationSettings = ValidationSettings()
+    autotrain: AutotrainSettings = AutotrainSettings()
     storage: StorageSettings = StorageSettings()
     logging: LoggingSettings = LoggingSettings()
 
