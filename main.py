@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import signal
 import sqlite3
@@ -19,19 +18,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import pandas as pd
 import structlog
 
 from config.settings import Settings, SettingsError, load_settings
-from execution.broker import Position, Side
+from execution.broker import Broker, Position, Side
+from execution.mt5_client import BrokerSetupError, MT5Broker, reconcile_with_journal
 from execution.paper import PaperBroker, specs_from_settings
 from execution.risk import RiskManager
 from market_data.feeds import FrameSource, ReplayFeed
 from market_data.loaders import DataFileError, load_bars
+from market_data.mt5_feed import LiveFeed, fetch_history_bars
 from market_data.synthetic import SyntheticMarket
 from ml import cli_models
+from ml.auto_trainer import AUTOTRAIN_STATE_KEY, AutoTrainer, Runner
 from ml.model_manager import ModelManager
 from ml.predictor_map import PredictorMap
 from ml.store import ModelStore, journal_hook
@@ -174,6 +176,51 @@ def _restore_paper_broker(settings: Settings, journal: Journal) -> PaperBroker:
     return broker
 
 
+async def _start_live(
+    settings: Settings, journal: Journal, clock: Clock, feature_window: int
+) -> tuple[MT5Broker, LiveFeed]:
+    """The MT5 broker (connected, reconciled with the journal) and its live feed."""
+    broker = MT5Broker.from_settings(
+        settings.broker,
+        settings.trading.symbols,
+        clock=clock,
+        timeframe_s=settings.trading.timeframe_s,
+        on_event=lambda level, kind, message, details: journal.record_event(
+            level, kind, message, details
+        ),
+    )
+
+    async def reconcile() -> None:
+        await reconcile_with_journal(broker, journal)
+
+    broker.on_connected = reconcile
+    try:
+        await broker.connect()
+        history_bars = max(
+            settings.paper.history_bars,
+            feature_window,
+            settings.models.initial_train_bars if settings.models.enabled_kinds else 0,
+        )
+        history = await fetch_history_bars(
+            broker,
+            broker.tradable_symbols,
+            history_bars,
+            cache_dir=Path(settings.storage.journal_path).parent / "cache" / "bars",
+        )
+    except BrokerSetupError as exc:
+        await broker.close()
+        raise InvalidInput(str(exc)) from None
+    feed = LiveFeed(
+        broker,
+        broker.tradable_symbols,
+        clock=clock,
+        timeframe_s=settings.trading.timeframe_s,
+        history=history,
+        poll_interval_s=settings.broker.poll_interval_s,
+    )
+    return broker, feed
+
+
 # How often (market time) the running daemon looks for stale or missing models and
 # applies the journal's prediction retention.
 HOUSEKEEPING_S = 3600.0
@@ -182,21 +229,12 @@ HOUSEKEEPING_S = 3600.0
 class _Housekeeping:
     """Ticked by the bar loop once per market hour (a function of market time only)."""
 
-    def __init__(self, settings: Settings, models: ModelManager, journal: Journal) -> None:
+    def __init__(self, settings: Settings, journal: Journal) -> None:
         self._s = settings
-        self._models = models
         self._journal = journal
         self._pruned_day: date | None = None
-        self.engine: TradingEngine | None = None  # set once the engine exists
-
-    def _bars(self, symbol: str, n: int) -> BarColumns:
-        if self.engine is None:
-            raise RuntimeError("housekeeping ticked before the engine was wired")
-        return BarColumns.from_bars(list(self.engine.recent_bars[symbol])[-n:])
 
     def __call__(self, now: datetime) -> None:
-        for symbol in self._s.trading.symbols:
-            self._models.check_staleness(symbol, now, functools.partial(self._bars, symbol))
         if now.date() != self._pruned_day:
             self._pruned_day = now.date()
             keep = timedelta(days=self._s.storage.predictions_keep_days)
@@ -211,8 +249,8 @@ class Daemon:
     settings: Settings
     clock: Clock
     journal: Journal
-    broker: PaperBroker
-    feed: ReplayFeed
+    broker: Broker
+    feed: ReplayFeed | LiveFeed
     risk: RiskManager
     predictors: PredictorMap
     strategy: ScalpingStrategy
@@ -220,6 +258,7 @@ class Daemon:
     resumed_after: dict[str, datetime]
     store: ModelStore
     models: ModelManager
+    auto: AutoTrainer
 
 
 async def start_daemon(
@@ -229,6 +268,7 @@ async def start_daemon(
     max_bars: int | None = None,
     duration_s: float | None = None,
     backend: TrainingBackend | None = None,
+    runner: Runner | None = None,
 ) -> Daemon:
     """Crash-only start-up: the same path after a clean stop and after a crash.
 
@@ -237,12 +277,9 @@ async def start_daemon(
     set and warms the features. Raises ``InvalidInput`` for bad data or journals.
     """
     clock = clock or SystemClock()
-    if settings.broker.kind != "paper":
-        raise InvalidInput(
-            f"broker.kind = {settings.broker.kind!r}: the MetaTrader 5 adapter is not part of "
-            "this build yet; use broker.kind = 'paper'"
-        )
-    sources = _replay_sources(settings)  # bad data is refused before the journal is touched
+    live_broker = settings.broker.kind != "paper"
+    # Bad data is refused before the journal is touched.
+    sources = {} if live_broker else _replay_sources(settings)
     journal = Journal(
         settings.storage.journal_path, clock=clock, batch_max=settings.storage.journal_batch_max
     )
@@ -251,7 +288,10 @@ async def start_daemon(
     except JournalError as exc:
         raise InvalidInput(str(exc)) from None
     try:
-        broker = _restore_paper_broker(settings, journal)
+        mt5_live: tuple[MT5Broker, LiveFeed] | None = None
+        if live_broker:
+            mt5_live = await _start_live(settings, journal, clock, FeatureSpec().window)
+        broker: Broker = mt5_live[0] if mt5_live else _restore_paper_broker(settings, journal)
         spec = FeatureSpec()
         resume: dict[str, datetime] = {}
         for symbol in settings.trading.symbols:
@@ -264,6 +304,7 @@ async def start_daemon(
             now = max(resume.values())
             for symbol in settings.trading.symbols:
                 resume.setdefault(symbol, now)
+        feed: ReplayFeed | LiveFeed
         try:
             feed = ReplayFeed(
                 sources,
@@ -279,6 +320,8 @@ async def start_daemon(
             )
         except ValueError as exc:
             raise InvalidInput(f"paper.data = {settings.paper.data!r}: {exc}") from None
+        if mt5_live is not None:
+            feed = mt5_live[1]
         risk = RiskManager(settings.risk, account_currency=settings.paper.account_currency)
         risk_state = journal.get_state(RISK_STATE_KEY)
         if isinstance(risk_state, dict):
@@ -301,10 +344,13 @@ async def start_daemon(
             risk=risk,
             journal=journal,
             predictors=predictors,
-            specs={s: await broker.symbol_spec(s) for s in settings.trading.symbols},
+            specs={
+                s: await broker.symbol_spec(s)
+                for s in (mt5_live[0].tradable_symbols if mt5_live else settings.trading.symbols)
+            },
             clock=clock,
             feature_spec=spec,
-            mode="paper",
+            mode="live" if mt5_live else "paper",
             weights=weights,
             crash=crash,
         )
@@ -327,7 +373,22 @@ async def start_daemon(
             baseline=lambda: MomentumBaseline(spec),
         )
         models.weights = weights
-        housekeeping = _Housekeeping(settings, models, journal)
+        housekeeping = _Housekeeping(settings, journal)
+        recent: dict[str, Any] = {}
+        auto = AutoTrainer(
+            settings=settings,
+            manager=models,
+            store=store,
+            journal=journal,
+            predictors=predictors,
+            clock=clock,
+            feature_spec=spec,
+            # A C-level copy of the deque: atomic under the GIL, safe from the scheduler.
+            bars_for=lambda symbol: list(recent.get(symbol, ())),
+            runner=runner,
+        )
+        strategy.on_scored = auto.tracker.on_bar
+        live = settings.broker.kind != "paper"
         engine = TradingEngine(
             feed=feed,
             strategy=strategy,
@@ -342,13 +403,21 @@ async def start_daemon(
             keep_bars=max(settings.models.train_bars, settings.models.initial_train_bars),
             every_market_s=HOUSEKEEPING_S,
             periodic=housekeeping,
+            # Paper replay: schedules run on market time, ticked by every bar.
+            after_bar=None if live else (lambda bar: auto.tick(bar.time)),
         )
-        housekeeping.engine = engine
+        recent = engine.recent_bars
         for pos in await broker.positions():
             engine.remember_position(pos)
         await broker.connect()
+        if mt5_live is not None:
+            # Broker halts (autotrading off, server clock mismatch) stop new entries.
+            mt5_live[0].on_halt = lambda reason: setattr(strategy, "entries_halted", reason)
+            strategy.entries_halted = mt5_live[0].halt_reason
         for symbol in settings.trading.symbols:
             models.load_production(symbol)
+            for kind in settings.models.enabled_kinds:
+                auto.resume_shadow(symbol, kind)
         history = feed.history()
         engine.warm_up(history, feature_bars=max(settings.paper.history_bars, spec.window))
         market_now = max((b.time for b in history), default=clock.now())
@@ -360,17 +429,16 @@ async def start_daemon(
                 (stale, "stale", settings.models.train_bars),
             ):
                 if kinds:
-                    models.request_training(
+                    auto.request_training(
                         symbol,
                         kinds,
                         BarColumns.from_bars(bars[-rows:]),
                         reason=reason,
                         rows=rows,
-                        promote=True,
                     )
-        models.start()
+        auto.start(live=live)
         if settings.models.retrain_first_when_stale:
-            await asyncio.to_thread(models.wait_idle)
+            await asyncio.to_thread(auto.wait_idle)
     except BaseException:
         journal.close()
         raise
@@ -387,6 +455,7 @@ async def start_daemon(
         resume,
         store,
         models,
+        auto,
     )
 
 
@@ -442,7 +511,7 @@ async def serve(
         if command_poll_s is not None:
             handler = cli_models.make_command_handler(
                 store=daemon.store,
-                manager=daemon.models,
+                manager=daemon.auto,
                 settings=settings,
                 bars_for=lambda symbol: BarColumns.from_bars(list(engine.recent_bars[symbol])),
             )
@@ -461,6 +530,8 @@ async def serve(
     finally:
         restore_signals()
         await tasks.cancel_all()
+        # Training and checks stop before the last journal lines are written.
+        await asyncio.to_thread(daemon.auto.stop)
         try:
             if engine.stats.last_bar_time is not None:
                 await engine.snapshot_equity(engine.stats.last_bar_time)
@@ -482,7 +553,6 @@ async def serve(
             )
             await daemon.broker.close()
         finally:
-            await asyncio.to_thread(daemon.models.stop)
             await journal.flush()
     return EXIT_FAILURE if failure else EXIT_OK
 
@@ -559,6 +629,7 @@ def cmd_status(journal_path: Path, *, check: bool, clock: Clock, out: TextIO | N
         entries = fetch_state(conn, ENTRIES_STATE_KEY)
         if isinstance(entries, dict) and entries.get("blocked"):
             text += f"\nnew entries blocked since {entries.get('since')}: {entries['blocked']}"
+        text += "\n" + format_models(conn, market_now)
     finally:
         conn.close()
     print(text, file=stream)
@@ -604,6 +675,57 @@ def format_summary(s: JournalSummary, *, wall_now: datetime) -> str:
         lines.append("last errors:")
         for e in s.last_errors:
             lines.append(f"  {iso_utc(e.time)} {e.level} {e.kind}: {e.message}")
+    return "\n".join(lines)
+
+
+def format_models(conn: sqlite3.Connection, market_now: datetime) -> str:
+    """Per symbol and kind: what serves, what is on trial, the next retrain, the last run."""
+    state = fetch_state(conn, AUTOTRAIN_STATE_KEY)
+    auto: dict[str, Any] = state if isinstance(state, dict) else {}
+    last_runs: dict[str, tuple[Any, ...]] = {}
+    for row in conn.execute(
+        "SELECT symbol, kind, status, version, error, COALESCE(finished, started) FROM "
+        "training_runs WHERE id IN (SELECT max(id) FROM training_runs GROUP BY symbol, kind)"
+    ):
+        last_runs[f"{row[0]}/{row[1]}"] = tuple(row[2:])
+    models: dict[str, Any] = auto.get("models", {})
+    trials: dict[str, Any] = auto.get("trials", {})
+    next_runs: dict[str, str] = auto.get("next_runs", {})
+    keys = sorted(set(models) | set(last_runs))
+    if not keys:
+        return "models: none yet (the baseline serves)"
+    lines = [f"models (auto-trainer {'on' if auto.get('enabled', True) else 'off'}):"]
+    for key in keys:
+        m = models.get(key, {})
+        parts = [f"  {key}"]
+        if m:
+            trained = m.get("trained")
+            age = ""
+            if trained:
+                hours = (market_now - parse_iso_utc(trained)).total_seconds() / 3600
+                age = f", age {hours:,.1f} h"
+            parts.append(f"{m.get('stage', 'production')} {m.get('production')}{age}")
+        trial = trials.get(key)
+        if trial:
+            what = "shadow" if trial["mode"] == "shadow" else "rollback watch of"
+            parts.append(
+                f"{what} {trial['version']} vs {trial['compared_with']}: "
+                f"{trial['scored_bars']} bars scored"
+            )
+        elif m.get("shadow"):
+            parts.append(f"shadow {m['shadow']}")
+        nxt = next_runs.get(f"retrain:{key.replace('/', ':')}")
+        if nxt:
+            parts.append(f"next retrain {nxt}")
+        run = last_runs.get(key)
+        if run:
+            status, version, error, when = run
+            why = f" ({error})" if error else ""
+            parts.append(f"last run {status} {version or ''}{why} at {when}".replace("  ", " "))
+        lines.append("; ".join(parts))
+    active = auto.get("active_jobs") or []
+    if active:
+        lines.append(f"  jobs: {', '.join(active)}")
     return "\n".join(lines)
 
 

@@ -69,6 +69,10 @@ class BrokerSettings(_Section):
     magic: int = Field(234000, ge=0, le=2**31 - 1)
     deviation_points: int = Field(10, ge=0, le=1000)
     server_timezone: str = "UTC"
+    # Live feed: how often the terminal is asked for newly closed bars (seconds).
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+    # Reconnect backoff doubles from 1 s up to this cap (seconds).
+    reconnect_backoff_max_s: float = Field(60.0, ge=1, le=3600)
     # Environment only (SCALPER__BROKER__LOGIN / __SERVER / __PASSWORD).
     login: int | None = Field(None, repr=False)
     server: SecretStr | None = Field(None, repr=False)

@@ -94,8 +94,8 @@ class CommandManager(Protocol):
     def reload(self, symbol: str, kind: str) -> None: ...
 
     def request_training(
-        self, symbol: str, kinds: Sequence[str], cols: BarColumns, *, reason: str, rows: int
-    ) -> None: ...
+        self, symbol: str, kinds: Sequence[str], cols: BarColumns | None, *, reason: str, rows: int
+    ) -> object: ...
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -1208,12 +1208,17 @@ def _train_direct(
                         label = f"{symbol} {kind}"
                         progress.start(label)
                         started = clock.monotonic()
-                        info = manager.train_one(request, kind)
+                        result = manager.train_one(request, kind)
                         seconds = clock.monotonic() - started
-                        if info is None:
+                        if result is None:
                             failures += 1
                             progress.finish(f"{label}: FAILED: {_last_run_error(journal)}")
                             continue
+                        info = result.info
+                        # A kind's first version that passed the gates serves at once;
+                        # any later one waits for the daemon's shadow trial or a promote.
+                        if result.outcome.passed and store.resolve(symbol, kind) is None:
+                            info = store.promote(symbol, kind, info.version)
                         progress.finish(_trained_line(store, label, info, seconds))
             finally:
                 progress.close()
@@ -1234,7 +1239,10 @@ def _trained_line(store: ModelStore, label: str, info: VersionInfo, seconds: flo
         f", majority {_fmt_num(holdout.get('majority_rate'))}"
         f", log-loss {_fmt_num(holdout.get('log_loss'))}; {seconds:.1f} s)"
     )
-    if stage != "production":
+    validation = info.manifest.get("metrics", {}).get("validation")
+    if stage == "rejected" and isinstance(validation, dict):
+        line += f"; rejected by the validation gates: {validation.get('reasons')}"
+    elif stage != "production":
         production = store.aliases(info.symbol, info.kind)["production"]
         line += (
             f"; production stays {production}: promote it with python main.py models promote "

@@ -3,35 +3,39 @@
 At start-up ``load_production`` loads each enabled kind's production version
 (verified by hash; the store falls back to the previous version and says why)
 into ONNX Runtime predictors, warms them and installs them. Kinds without a
-model (or with a stale one) are queued for training: one background thread
-hands jobs to the ``TrainingBackend`` (a spawned worker), commits the draft to
-the store, promotes the first version of a kind, loads and warms the new
-predictor off the event loop, and only then asks the loop (``install``) to
-prime it with recent feature rows and swap it in, so no bar ever sees a
-half-ready model. While no model serves a symbol, the baseline does.
-
-Until the validation gates land (auto-trainer), a retrained version of a kind
-that already has a production model stays ``validated``; an operator promotes
-it with ``python main.py models promote``.
+model (or with a stale one) are queued for training by the auto-trainer
+(``ml.auto_trainer``), which decides what happens to each candidate;
+``train_one`` hands a job to the ``TrainingBackend`` (a spawned worker that also
+runs the validation gates) and commits the draft to the store. Whatever is
+served next is loaded and warmed off the event loop, and only then the loop
+(``_install_now``) primes it with recent feature rows and swaps it in, so no bar
+ever sees a half-ready model. While no model serves a symbol, the baseline does.
 """
 
 from __future__ import annotations
 
-import queue
+import concurrent.futures
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
 
-from config.settings import Settings
+from config.settings import TIMEFRAME_SECONDS, Settings
 from ml.predictor_map import PredictorMap
 from ml.serving import OnnxPredictor
 from ml.store import ModelStore, VersionInfo
-from ml.training import TrainingBackend, TrainJob, ensemble_weight, save_bar_cache
+from ml.training import (
+    TrainingBackend,
+    TrainJob,
+    TrainOutcome,
+    ensemble_weight,
+    save_bar_cache,
+)
 from strategy.baseline import Predictor
 from strategy.features import BarColumns, FeatureSpec
 from utils.clock import Clock
@@ -48,12 +52,21 @@ TRAINING_ORDER = ("xgb", "mlp", "rf", "lstm")
 class TrainingRequest:
     symbol: str
     kinds: tuple[str, ...]
-    cols: BarColumns
+    cols: BarColumns | None  # None: the auto-trainer fetches the latest bars when it runs
     reason: str
     rows: int
-    # Serve the result at once: a missing, unloadable or stale production model is
-    # replaced. A manual retrain waits for an operator's promote (no gates yet).
-    promote: bool = False
+    # Run the validation gates in the worker (the daemon always does; a CLI run
+    # without a daemon measures only).
+    validate: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A committed candidate and the worker's verdict on it."""
+
+    info: VersionInfo
+    outcome: TrainOutcome
+    run_id: int
 
 
 class ModelManager:
@@ -81,22 +94,16 @@ class ModelManager:
         self._spec = feature_spec
         self._cache_dir = cache_dir
         self._recent_rows = recent_rows
-        self._call_in_loop = call_in_loop
+        self.call_in_loop = call_in_loop
         self._baseline = baseline
         self.weights: dict[str, float] = {}
-        self._queue: queue.Queue[TrainingRequest | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self.busy = threading.Event()
-        self._stopping = threading.Event()
-        # (symbol, kind) queued or training: a second request for them is dropped.
-        self._pending: set[tuple[str, str]] = set()
-        self._pending_lock = threading.Lock()
+        self.stopping = threading.Event()
         self.trained = 0
         self.failed = 0
 
     # -- serving ------------------------------------------------------------------------
 
-    def _weight(self, kind: str, info: VersionInfo) -> float:
+    def weight_of(self, kind: str, info: VersionInfo) -> float:
         how = self._s.models.weight_by
         if how == "settings":
             return self._s.models.kind(kind).weight
@@ -142,7 +149,23 @@ class ModelManager:
                 self._install_now(symbol, kind, predictor, info)
                 loaded.append(kind)
                 break
+            self._load_shadow(symbol, kind)
         return loaded
+
+    def _load_shadow(self, symbol: str, kind: str) -> None:
+        """A candidate still on trial when the daemon stopped predicts beside it again."""
+        info = self._store.resolve(symbol, kind, "shadow")
+        serving = self._predictors.snapshot(symbol).get(kind)
+        if info is None or serving is None or info.version == serving.version:
+            return
+        try:
+            predictor = self.load_for_shadow(symbol, kind, info)
+        except Exception as exc:  # noqa: BLE001 - the trial is dropped, production serves
+            log.error("shadow_load_failed", symbol=symbol, kind=kind, error=str(exc))
+            return
+        for row in self._recent_rows(symbol):
+            predictor.observe(row)
+        self._predictors.swap_shadow(symbol, kind, predictor)
 
     def missing_or_stale(self, symbol: str, market_now: datetime) -> tuple[list[str], list[str]]:
         missing, stale = [], []
@@ -162,7 +185,7 @@ class ModelManager:
         """On the loop thread: prime the window with recent rows, then swap."""
         for row in self._recent_rows(symbol):
             predictor.observe(row)
-        self.weights[kind] = self._weight(kind, info)
+        self.weights[kind] = self.weight_of(kind, info)
         self._predictors.swap(symbol, kind, predictor)
         # The baseline stays the benchmark, but once a model serves it stops voting.
         self._predictors.swap(symbol, "baseline", None)
@@ -177,92 +200,16 @@ class ModelManager:
 
     # -- training -----------------------------------------------------------------------
 
-    def request_training(
-        self,
-        symbol: str,
-        kinds: Sequence[str],
-        cols: BarColumns,
-        *,
-        reason: str,
-        rows: int,
-        promote: bool = False,
-    ) -> None:
-        # Known-fast kinds first; any other kind (a new registry entry) after them.
-        rank = {k: i for i, k in enumerate(TRAINING_ORDER)}
-        with self._pending_lock:
-            fresh = [k for k in kinds if (symbol, k) not in self._pending]
-            self._pending.update((symbol, k) for k in fresh)
-        ordered = tuple(sorted(fresh, key=lambda k: rank.get(k, len(rank))))
-        if ordered:
-            self._queue.put(TrainingRequest(symbol, ordered, cols, reason, rows, promote))
+    def train_one(
+        self, request: TrainingRequest, kind: str, *, timeout_s: float | None = None
+    ) -> TrainResult | None:
+        """Train and register one kind; the worker's gates decide its stage.
 
-    def check_staleness(
-        self, symbol: str, market_now: datetime, bars: Callable[[int], BarColumns]
-    ) -> list[str]:
-        """While running: queue a replacement for kinds that went stale or are missing.
-
-        Called from the bar loop every so often (market time); ``bars(n)`` gives
-        the latest n bars the daemon has seen. Returns the kinds queued.
-        """
-        missing, stale = self.missing_or_stale(symbol, market_now)
-        with self._pending_lock:
-            wanted = [k for k in missing + stale if (symbol, k) not in self._pending]
-        if not wanted:
-            return []
-        rows = self._s.models.train_bars
-        self.request_training(
-            symbol, wanted, bars(rows), reason="stale or missing", rows=rows, promote=True
-        )
-        log.info("retrain_queued", symbol=symbol, kinds=wanted, market_time=market_now.isoformat())
-        return wanted
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="model-trainer", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Abandon training in progress (the daemon is stopping) and end the thread."""
-        self._stopping.set()
-        self._queue.put(None)
-        self._backend.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def wait_idle(self) -> None:
-        """Block until every queued request is done (tests, CLI)."""
-        self._queue.join()
-
-    def _serve(self) -> None:
-        while True:
-            request = self._queue.get()
-            try:
-                if request is None or self._stopping.is_set():
-                    return
-                self.busy.set()
-                for i, kind in enumerate(request.kinds, start=1):
-                    log.info(
-                        "training_progress",
-                        symbol=request.symbol,
-                        kind=kind,
-                        step=f"{i}/{len(request.kinds)}",
-                        reason=request.reason,
-                    )
-                    try:
-                        self.train_one(request, kind)
-                    finally:
-                        with self._pending_lock:
-                            self._pending.discard((request.symbol, kind))
-            finally:
-                self.busy.clear()
-                self._queue.task_done()
-
-    def train_one(self, request: TrainingRequest, kind: str) -> VersionInfo | None:
-        """Train, register, and (when asked, or for a kind's first version) serve one kind.
-
-        Never raises: whatever fails is a ``training_runs`` row and an event, and
-        production stays as it was.
+        A candidate that passed every gate is ``validated`` (what is served next is
+        the auto-trainer's decision); one that failed any is ``rejected``, with each
+        failed gate and its number in ``model_events``. Never raises: whatever fails
+        (an exception, a worker killed, a job past ``timeout_s``) is a failed
+        ``training_runs`` row and an event, and production stays as it was.
         """
         symbol = request.symbol
         run_id: int | None = None
@@ -272,44 +219,72 @@ class ModelManager:
             run_id = self._journal.record_training_run(
                 started=self._clock.now(), symbol=symbol, kind=kind, status="running"
             ).result()
+            if request.cols is None:
+                raise ValueError("no bars given to train on")
             cache = save_bar_cache(self._cache_dir / f"{symbol}.npz", request.cols)
             draft = self._store.new_draft_dir(symbol, kind)
             log.info("training_started", symbol=symbol, kind=kind, reason=request.reason)
-            outcome = self._backend.submit(self._job(symbol, kind, cache, draft, request)).result()
+            future = self._backend.submit(self._job(symbol, kind, cache, draft, request))
+            try:
+                outcome = future.result(timeout=timeout_s)
+            except concurrent.futures.TimeoutError:
+                # A hung worker is killed; the next job gets a fresh one.
+                self._backend.reset()
+                raise TimeoutError(
+                    f"training took longer than autotrain.job_timeout_s = {timeout_s:g} s; "
+                    "the worker was killed"
+                ) from None
             info = self._store.commit_draft(
                 draft, symbol=symbol, kind=kind, manifest=outcome.manifest
             )
             draft = None  # it is a version now
             self.trained += 1
-            self._store.set_stage(symbol, kind, info.version, "validated")
+            gated = outcome.validation is not None
+            passed = outcome.passed
+            self._store.set_stage(
+                symbol, kind, info.version, "rejected" if gated and not passed else "validated"
+            )
+            metrics: dict[str, object] = {**outcome.metrics, "seconds": round(outcome.seconds, 2)}
+            if outcome.validation is not None:
+                metrics["validation"] = outcome.validation
             self._journal.finish_training_run(
                 run_id,
                 finished=self._clock.now(),
-                status="done",
+                status="done" if not gated else ("passed" if passed else "rejected"),
                 version=info.version,
-                metrics={**outcome.metrics, "seconds": round(outcome.seconds, 2)},
+                metrics=metrics,
+                error=None
+                if passed or outcome.validation is None
+                else str(outcome.validation.get("reasons")),
             )
             finished = True
+            if gated:
+                self._journal.record_model_event(
+                    "validated" if passed else "rejected",
+                    symbol=symbol,
+                    kind=kind,
+                    version=info.version,
+                    details={"reason": request.reason, **(outcome.validation or {})},
+                )
             log.info(
                 "training_done",
                 symbol=symbol,
                 kind=kind,
                 version=info.version,
                 seconds=round(outcome.seconds, 1),
+                gates="passed" if passed else ("failed" if gated else "not run"),
+                failed=None
+                if passed or outcome.validation is None
+                else outcome.validation.get("reasons"),
                 **{k: round(v, 4) for k, v in outcome.metrics.items()},
             )
-            first = self._store.resolve(symbol, kind) is None
-            if (request.promote or first) and not self._stopping.is_set():
-                info = self._store.promote(symbol, kind, info.version)
-                predictor = self._load(symbol, kind, info)
-                self._call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
             # Keep the newest versions plus every aliased one (models.retention).
             self._store.apply_retention(symbol, kind)
-            return info
+            return TrainResult(info, outcome, run_id)
         except Exception as exc:  # noqa: BLE001 - a failed run is journaled; production stays
             if draft is not None:
                 self._store.discard_draft(draft)
-            stopping = self._stopping.is_set()
+            stopping = self.stopping.is_set()
             error = "daemon stopped" if stopping else f"{type(exc).__name__}: {exc}"
             if run_id is not None and not finished:
                 self._journal.finish_training_run(
@@ -328,6 +303,33 @@ class ModelManager:
                 )
                 log.error("training_failed", symbol=symbol, kind=kind, error=error)
             return None
+
+    def serve_version(self, symbol: str, kind: str, info: VersionInfo) -> None:
+        """Load and warm ``info`` here (off the loop), then swap it in on the loop."""
+        predictor = self._load(symbol, kind, info)
+        self.call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
+
+    def load_for_shadow(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:
+        """Load and warm a candidate to predict beside production (not traded)."""
+        predictor = self._load(symbol, kind, info)
+        predictor.stage = "shadow"
+        return predictor
+
+    def install_shadow(self, symbol: str, kind: str, predictor: Predictor | None) -> None:
+        """On the loop: prime ``predictor`` with recent rows and put it in the shadow slot."""
+
+        def install() -> None:
+            if predictor is not None:
+                for row in self._recent_rows(symbol):
+                    predictor.observe(row)
+            self._predictors.swap_shadow(symbol, kind, predictor)
+
+        self.call_in_loop(install)
+
+    def stop(self) -> None:
+        """Abandon training in progress (the daemon is stopping)."""
+        self.stopping.set()
+        self._backend.shutdown()
 
     def _job(
         self, symbol: str, kind: str, cache: Path, draft: Path, request: TrainingRequest
@@ -348,16 +350,39 @@ class ModelManager:
             threshold_atr=self._s.models.label_threshold_atr,
             feature_params=dict(self._spec.params),
             max_rows=request.rows,
+            **self._validation_args(symbol, kind, request),
         )
+
+    def _validation_args(self, symbol: str, kind: str, request: TrainingRequest) -> dict[str, Any]:
+        if not request.validate:
+            return {}
+        spec = self._s.symbols[symbol]
+        tf_s = TIMEFRAME_SECONDS[self._s.trading.timeframe]
+        production = self._store.resolve(symbol, kind)
+        return {
+            "validation": self._s.validation.model_dump(),
+            "sim_costs": {
+                "point": spec.point,
+                "contract_size": spec.contract_size,
+                "commission_per_lot": self._s.paper.commission_per_lot,
+                "default_spread_points": spec.default_spread_points,
+                "min_confidence": self._s.strategy.min_confidence,
+                "horizon": self._s.models.horizon_bars,
+                # FX trades around the clock five days a week.
+                "periods_per_year": 260 * 86_400 / tf_s,
+            },
+            "production_dir": None if production is None else str(production.path),
+            "production_version": None if production is None else production.version,
+        }
 
     def reload(self, symbol: str, kind: str) -> None:
         """After promote/rollback: serve the (new) production version, or the baseline."""
         info = self._store.resolve(symbol, kind)
         if info is None:
-            self._call_in_loop(lambda: self._remove(symbol, kind))
+            self.call_in_loop(lambda: self._remove(symbol, kind))
             return
         predictor = self._load(symbol, kind, info)
-        self._call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
+        self.call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
 
     def _remove(self, symbol: str, kind: str) -> None:
         self._predictors.swap(symbol, kind, None)

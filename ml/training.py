@@ -26,11 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ml.validation import holdout_metrics
 from strategy.features import BarColumns, FeatureSpec
+
+if TYPE_CHECKING:
+    from ml.dataset import Dataset, Split
 
 CACHE_KEYS = ("time_ns", "open", "high", "low", "close", "tick_volume", "spread")
 
@@ -66,6 +70,14 @@ class TrainJob:
     max_rows: int | None = None
     train_frac: float = 0.7
     val_frac: float = 0.15
+    # Validation gates (``ml.validation``), as plain values: None = no gates (CLI
+    # runs without a daemon still measure, but nothing is decided by them).
+    validation: Mapping[str, Any] | None = None
+    # SimCosts fields for the cost-aware simulated run on the holdout.
+    sim_costs: Mapping[str, Any] | None = None
+    # The production version this candidate would replace: compared on the same holdout.
+    production_dir: str | None = None
+    production_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,31 +88,19 @@ class TrainOutcome:
     manifest: dict[str, Any]  # fields for ModelStore.commit_draft
     metrics: dict[str, float]
     seconds: float
+    # The gates' verdict (``ValidationReport.as_dict()``), None when not validated.
+    validation: dict[str, Any] | None = None
 
-
-def _log_loss(proba: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(proba[np.arange(len(y)), y.astype(np.int64)], 1e-12, 1.0)
-    return float(-np.mean(np.log(p)))
-
-
-def holdout_metrics(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy and log-loss on rows with a prediction, beside the majority-class rate."""
-    ok = np.isfinite(proba).all(axis=1)
-    proba, y = proba[ok], y[ok]
-    if len(y) == 0:
-        raise ValueError("no holdout row has a prediction (test part shorter than the window?)")
-    counts = np.bincount(y.astype(np.int64), minlength=3)
-    return {
-        "accuracy": float(np.mean(proba.argmax(axis=1) == y)),
-        "log_loss": _log_loss(proba, y),
-        "majority_rate": float(counts.max() / counts.sum()),
-        "holdout_rows": float(len(y)),
-    }
+    @property
+    def passed(self) -> bool:
+        """True when validated and every gate passed (no gates: never auto-promoted)."""
+        return bool(self.validation is not None and self.validation.get("passed"))
 
 
 def run_training(job: TrainJob) -> TrainOutcome:
     """Worker entry point: dataset, split, fit, measure, save into the draft."""
     from ml.dataset import build_dataset, time_split
+    from ml.drift import save_reference
     from ml.kinds import get_kind
 
     started = time.monotonic()
@@ -132,7 +132,13 @@ def run_training(job: TrainJob) -> TrainOutcome:
     context = max(0, test_start - seq)
     proba = model.predict_proba(ds.X[context : split.test.stop])[test_start - context :]
     metrics = holdout_metrics(proba, ds.y[split.test])
-    files = model.save(Path(job.draft_dir))
+    draft = Path(job.draft_dir)
+    files = list(model.save(draft))
+    # The drift checks compare live features with a sample of what the model learnt on.
+    files.append(save_reference(draft, ds.X[split.train], spec.names, seed=0))
+    validation = None
+    if job.validation is not None and job.sim_costs is not None:
+        validation = _validate(job, spec, cols, ds, split, draft)
 
     def iso(ns: int) -> str:
         return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -156,21 +162,100 @@ def run_training(job: TrainJob) -> TrainOutcome:
         "labels": {"horizon": job.horizon, "threshold_atr": job.threshold_atr},
         "dataset_hash": ds.dataset_hash,
         "library_versions": model.library_versions(),
-        "metrics": {"holdout": metrics},
+        "metrics": {"holdout": metrics, **({"validation": validation} if validation else {})},
         "artifact_files": files,
     }
     # Plain JSON values only: unpickling a library's own types (torch's TorchVersion)
     # in the parent would import that library into the serving process.
     plain = json.loads(json.dumps(manifest, default=str))
     return TrainOutcome(
-        job.symbol, job.kind, job.draft_dir, plain, metrics, time.monotonic() - started
+        job.symbol,
+        job.kind,
+        job.draft_dir,
+        plain,
+        metrics,
+        time.monotonic() - started,
+        plain["metrics"].get("validation"),
     )
+
+
+def _validate(
+    job: TrainJob, spec: FeatureSpec, cols: BarColumns, ds: Dataset, split: Split, draft: Path
+) -> dict[str, Any]:
+    """The gates, on the served graph (``model.onnx`` in the draft), in the worker.
+
+    The candidate, the production model it would replace and the baseline answer
+    the same holdout rows; the candidate's single-row latency is measured here too.
+    """
+    from config.settings import ValidationSettings
+    from ml.serving import OnnxPredictor
+    from ml.validation import SimCosts, evaluate, latency_p99_ms
+    from strategy.baseline import MomentumBaseline
+
+    assert job.validation is not None and job.sim_costs is not None
+    test_start = split.test.start or 0
+    test_stop = split.test.stop
+    X_test = ds.X[test_start:test_stop]
+    y_test = ds.y[test_start:test_stop]
+
+    def holdout_proba(predictor: OnnxPredictor) -> np.ndarray:
+        context = max(0, test_start - predictor.sequence_length)
+        out = predictor.predict_proba_batch(ds.X[context:test_stop])
+        return np.asarray(out[test_start - context :], dtype=np.float64)
+
+    candidate = OnnxPredictor.load(draft, feature_hash=spec.hash, kind=job.kind, version="draft")
+    cand_proba = holdout_proba(candidate)
+    production = None
+    note = ""
+    if job.production_dir is not None:
+        try:
+            prod = OnnxPredictor.load(
+                Path(job.production_dir),
+                feature_hash=spec.hash,
+                kind=job.kind,
+                version=job.production_version or "production",
+            )
+            production = holdout_proba(prod)
+        except Exception as exc:  # noqa: BLE001 - another spec or a broken artifact
+            note = f"production not compared: {exc}"
+    baseline = MomentumBaseline(spec)
+    base_proba = np.full((len(X_test), 3), np.nan)
+    for i, row in enumerate(X_test):
+        if np.isfinite(row).all():
+            base_proba[i] = baseline.predict_proba(row)
+    # Sequence models must see a full window before each timed call, as live.
+    rows = ds.X[max(0, test_start - candidate.sequence_length) : test_stop]
+    for row in rows[: candidate.sequence_length]:
+        candidate.observe(row)
+    latency = latency_p99_ms(candidate.predict_proba, rows[candidate.sequence_length :])
+    bar_index = np.searchsorted(cols.time_ns, ds.time_ns[test_start:test_stop])
+    report = evaluate(
+        candidate=cand_proba,
+        y=y_test,
+        close=cols.close[bar_index].astype(np.float64),
+        spread_points=cols.spread[bar_index].astype(np.float64),
+        costs=SimCosts(**dict(job.sim_costs)),
+        settings=ValidationSettings(**dict(job.validation)),
+        production=production,
+        baseline=base_proba,
+        latency_ms=latency,
+    )
+    result = report.as_dict()
+    result["passed"] = report.passed
+    result["reasons"] = report.reasons()
+    if note:
+        result["note"] = note
+    return result
 
 
 class TrainingBackend(Protocol):
     """Where training runs: a local worker pool now, a Ray cluster later."""
 
     def submit(self, job: TrainJob) -> concurrent.futures.Future[TrainOutcome]: ...
+
+    def reset(self) -> None:
+        """Abandon the job in progress (it hung past its timeout); take new jobs after."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -229,6 +314,11 @@ class LocalProcessBackend:
         for process in processes:
             process.join(timeout=10)
 
+    def reset(self) -> None:
+        """Kill the worker (a hung job) and start a fresh pool for the next job."""
+        self.shutdown()
+        self._pool = self._new_pool()
+
 
 class InlineBackend:
     """Runs the job in the calling thread (CLI without a daemon, tests)."""
@@ -240,6 +330,9 @@ class InlineBackend:
         except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
             future.set_exception(exc)
         return future
+
+    def reset(self) -> None:
+        """Nothing runs in the background."""
 
     def shutdown(self) -> None:
         """Nothing to stop."""

@@ -25,7 +25,7 @@ import structlog
 from execution.broker import BarDrivenBroker, Broker, Position
 from execution.risk import RiskManager
 from market_data.bars import Bar
-from market_data.feeds import ReplayFeed
+from market_data.feeds import BarFeed
 from strategy.scalper import CrashPoint, ScalpingStrategy
 from utils.clock import Clock, iso_utc
 from utils.trade_journal import HEARTBEAT_KEY, LAST_BAR_KEY, Journal
@@ -46,7 +46,7 @@ class TradingEngine:
     def __init__(
         self,
         *,
-        feed: ReplayFeed,
+        feed: BarFeed,
         strategy: ScalpingStrategy,
         broker: Broker,
         journal: Journal,
@@ -60,6 +60,7 @@ class TradingEngine:
         keep_bars: int = 0,
         every_market_s: float = 3600.0,
         periodic: Callable[[datetime], None] | None = None,
+        after_bar: Callable[[Bar], object] | None = None,
     ) -> None:
         self._feed = feed
         self._strategy = strategy
@@ -84,6 +85,8 @@ class TradingEngine:
         # Housekeeping ticked by market time (model staleness): a pure function of the
         # bar clock, so replays and backtests see it at the same bars as live would.
         self._periodic = periodic
+        # Called after every processed bar (the auto-trainer's market-time tick).
+        self._after_bar = after_bar
         self._every = timedelta(seconds=every_market_s)
         self._next_periodic: datetime | None = None
         self.stats = EngineStats()
@@ -170,6 +173,8 @@ class TradingEngine:
             elif bar.time >= self._next_periodic:
                 self._next_periodic = bar.time + self._every
                 self._periodic(bar.time)
+        if self._after_bar is not None:
+            self._after_bar(bar)
 
     async def _refresh_open(self) -> None:
         self._open = {pos.position_id: pos for pos in await self._broker.positions()}

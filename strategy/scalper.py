@@ -108,6 +108,10 @@ class ScalpingStrategy:
         timer: Callable[[], int] = time.perf_counter_ns,
         crash: CrashPoint | None = None,
     ) -> None:
+        # Called on the loop after each decided bar with the serving and the shadow
+        # answers (the auto-trainer scores shadow candidates and rollback watches).
+        self.on_scored: Callable[[Bar, np.ndarray, EnsembleResult, EnsembleResult], None] | None
+        self.on_scored = None
         self._s = settings
         self._broker = broker
         self._risk = risk
@@ -151,6 +155,8 @@ class ScalpingStrategy:
             self._rows[bar.symbol].append(row)
             for predictor in self._predictors.snapshot(bar.symbol).values():
                 predictor.observe(row)
+            for predictor in self._predictors.shadow_snapshot(bar.symbol).values():
+                predictor.observe(row)
 
     def recent_rows(self, symbol: str) -> list[np.ndarray]:
         """The latest feature rows (oldest first): primes a model swapped in mid-run."""
@@ -174,6 +180,13 @@ class ScalpingStrategy:
         )
         self.status.bar_us.append((self._timer() - t0) / 1000.0)
         self._record_predictions(bar, result)
+        # Shadow candidates answer after the decision was sent: outside its latency.
+        shadow = self._predictors.shadow_snapshot(bar.symbol)
+        if shadow or self.on_scored is not None:
+            shadow_result = predict_all(shadow, row, {}, self._timer, self._spec.hash)
+            self._record_predictions(bar, shadow_result)
+            if self.on_scored is not None:
+                self.on_scored(bar, row, result, shadow_result)
 
     # -- exits ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from config.settings import (
     RFSettings,
     Settings,
     StorageSettings,
+    ValidationSettings,
     XGBSettings,
 )
 from ml import cli_models
@@ -684,6 +685,16 @@ def test_train_without_a_daemon_produces_a_production_version_per_kind(
             models_dir=str(tmp_path / "models"),
         ),
         paper=PaperSettings(history_bars=100),
+        # Gates wide open: what they refuse is tested in test_validation.
+        validation=ValidationSettings(
+            min_accuracy_edge=-1,
+            max_log_loss=100,
+            min_trades=0,
+            min_sharpe=-1e6,
+            max_drawdown_pct=100,
+            beat_baseline=False,
+            max_latency_p99_ms=1000,
+        ),
         models=ModelsSettings(
             initial_train_bars=2000,
             train_bars=2000,
@@ -716,7 +727,7 @@ def test_train_without_a_daemon_produces_a_production_version_per_kind(
         events = [r[0] for r in conn.execute("SELECT event FROM model_events")]
     finally:
         conn.close()
-    assert [r[1] for r in runs] == ["done"] * 5
+    assert [r[1] for r in runs] == ["passed"] * 5
     assert events.count("promoted") == 4
 
 

@@ -1,16 +1,19 @@
 """The daemon with its own models: train at first start, serve from the store after, fall back.
 
 Tiny model sizes keep this fast; training runs in-process (``InlineBackend``)
-on the model manager's thread, and the test waits for it before replaying, so
-every bar after that is decided by the trained models (deterministic).
+and the auto-trainer runs its jobs on the spot (``InlineRunner``), so every bar
+after start-up is decided by the trained models (deterministic). The gates are
+opened wide here: what they reject is tested in test_validation/test_auto_trainer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import itertools
 import json
+import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,14 +21,26 @@ from pathlib import Path
 import pytest
 
 from config.settings import Settings, load_settings
-from main import serve, start_daemon
-from ml.model_manager import ModelManager
+from main import cmd_status, serve, start_daemon
+from ml.auto_trainer import AutoTrainer, InlineRunner
 from ml.store import ModelStore
 from ml.training import InlineBackend, TrainJob, TrainOutcome
-from strategy.features import BarColumns
 from utils.clock import FakeClock
 
 KINDS = ("rf", "xgb", "lstm", "mlp")
+
+
+OPEN_GATES = {
+    "SCALPER__VALIDATION__MIN_ACCURACY_EDGE": "-1",
+    "SCALPER__VALIDATION__MAX_LOG_LOSS": "100",
+    "SCALPER__VALIDATION__MIN_TRADES": "0",
+    "SCALPER__VALIDATION__MIN_SHARPE": "-1000000",
+    "SCALPER__VALIDATION__MAX_DRAWDOWN_PCT": "100",
+    "SCALPER__VALIDATION__BEAT_BASELINE": "false",
+    "SCALPER__VALIDATION__MAX_LATENCY_P99_MS": "1000",
+    "SCALPER__VALIDATION__MAX_ACCURACY_DROP": "1",
+    "SCALPER__VALIDATION__MAX_LOG_LOSS_INCREASE": "100",
+}
 
 
 def tiny_settings(tmp_path: Path, **extra: str) -> Settings:
@@ -50,6 +65,11 @@ def tiny_settings(tmp_path: Path, **extra: str) -> Settings:
         "SCALPER__MODELS__MLP__HIDDEN_3": "8",
         "SCALPER__MODELS__MLP__MAX_STEPS": "20",
         "SCALPER__MODELS__MLP__BATCH_SIZE": "64",
+        # No scheduled retrain, drift or emergency runs inside these short replays.
+        **{f"SCALPER__MODELS__{k}__RETRAIN_EVERY_S": "0" for k in ("RF", "XGB", "LSTM", "MLP")},
+        "SCALPER__AUTOTRAIN__DRIFT_CHECK_EVERY_S": "100000000",
+        "SCALPER__AUTOTRAIN__EMERGENCY_CHECK_EVERY_S": "100000000",
+        **OPEN_GATES,
     }
     env.update(extra)
     return load_settings(environ=env)
@@ -66,11 +86,14 @@ def query(path: Path, sql: str) -> list[tuple[object, ...]]:
 async def run_once(settings: Settings, bars: int, backend: object = None) -> dict[str, str]:
     clock = FakeClock(datetime(2026, 1, 5, 8, 0, tzinfo=UTC))
     daemon = await start_daemon(
-        settings, clock=clock, max_bars=bars, backend=backend or InlineBackend()
+        settings,
+        clock=clock,
+        max_bars=bars,
+        backend=backend or InlineBackend(),
+        runner=InlineRunner(),
     )
     try:
-        # Let queued first trainings finish and their swaps run on this loop.
-        await asyncio.to_thread(daemon.models.wait_idle)
+        # The first trainings ran at start-up; let their swaps run on this loop.
         await asyncio.sleep(0)
         serving = {kind: p.version for kind, p in daemon.predictors.snapshot("EURUSD").items()}
         await serve(daemon, install_signals=False, command_poll_s=None)
@@ -87,11 +110,11 @@ def test_first_start_trains_every_kind_then_serves_them_and_restart_loads_from_s
     serving = asyncio.run(run_once(settings, 300))
     assert serving == dict.fromkeys(KINDS, "1.0.0")
     runs = query(journal, "SELECT kind, status, version FROM training_runs ORDER BY id")
-    assert [(k, s) for k, s, _ in runs] == [(k, "done") for k in ("xgb", "mlp", "rf", "lstm")]
+    assert [(k, s) for k, s, _ in runs] == [(k, "passed") for k in ("xgb", "mlp", "rf", "lstm")]
     predicted = {r[0] for r in query(journal, "SELECT DISTINCT model FROM predictions")}
     assert set(KINDS) <= predicted
     events = {r[0] for r in query(journal, "SELECT DISTINCT event FROM model_events")}
-    assert {"registered", "promoted", "swapped"} <= events
+    assert {"registered", "validated", "auto_promoted", "promoted", "swapped"} <= events
     last_bar_models = query(
         journal,
         "SELECT model, version FROM predictions WHERE bar_time = "
@@ -133,6 +156,9 @@ class FailingBackend:
         future.set_exception(ValueError("training data too short: need 300 rows, got 12"))
         return future
 
+    def reset(self) -> None:
+        """Nothing runs."""
+
     def shutdown(self) -> None:
         """Nothing to stop."""
 
@@ -155,7 +181,9 @@ def test_failed_training_is_journaled_and_the_baseline_keeps_serving(tmp_path: P
     assert [p for p in leftovers if p.is_dir()] == []
 
 
-def test_stale_models_are_retrained_served_and_old_versions_pruned(tmp_path: Path) -> None:
+def test_a_stale_model_is_retrained_into_shadow_and_old_candidates_pruned(
+    tmp_path: Path,
+) -> None:
     settings = tiny_settings(
         tmp_path,
         SCALPER__MODELS__RETENTION="2",
@@ -163,16 +191,32 @@ def test_stale_models_are_retrained_served_and_old_versions_pruned(tmp_path: Pat
         **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")},
     )
     for _ in range(4):
-        asyncio.run(run_once(settings, 50))  # under a market hour: start-up checks only
+        # Production keeps serving while its replacement is on trial (too few bars here
+        # for a verdict): the stale model trades until a better one has proved itself.
+        assert asyncio.run(run_once(settings, 50)) == {"xgb": "1.0.0"}
     kind_dir = tmp_path / "models" / "EURUSD" / "xgb"
     kept = sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
-    # A stale production is replaced by its retrain: 1.0.3 serves, 1.0.2 is previous;
-    # retention (2) removed 1.0.0 and 1.0.1.
-    assert kept == ["1.0.2", "1.0.3"]
+    # Each restart's retrain replaced the previous candidate in shadow (rejected);
+    # retention (2) keeps the newest two plus production.
+    assert kept == ["1.0.0", "1.0.2", "1.0.3"]
     aliases = json.loads((kind_dir / "aliases.json").read_text("utf-8"))
-    assert aliases["production"] == "1.0.3" and aliases["previous"] == "1.0.2"
-    events = [r[0] for r in query(tmp_path / "journal.sqlite3", "SELECT event FROM model_events")]
-    assert "retention_deleted" in events
+    assert aliases["production"] == "1.0.0" and aliases["shadow"] == "1.0.3"
+    journal = tmp_path / "journal.sqlite3"
+    events = [r[0] for r in query(journal, "SELECT event FROM model_events")]
+    assert "retention_deleted" in events and events.count("shadow_started") == 3
+    shadow_rows = query(journal, "SELECT DISTINCT version FROM predictions WHERE stage='shadow'")
+    assert ("1.0.3",) in shadow_rows
+    # status shows what serves, what is on trial and the last run, per symbol and kind.
+    out = io.StringIO()
+    assert cmd_status(journal, check=False, clock=FakeClock(), out=out) == 0
+    text = out.getvalue()
+    assert "models (auto-trainer on):" in text
+    line = next(x for x in text.splitlines() if x.startswith("  EURUSD/xgb"))
+    assert "production 1.0.0, age" in line
+    scored = re.search(r"shadow 1.0.3 vs 1.0.0: (\d+) bars scored", line)
+    # 50 bars, each scored once its 5-bar label is known (sequence warm-up aside).
+    assert scored and 30 <= int(scored.group(1)) <= 45
+    assert "last run passed 1.0.3" in line
 
 
 @pytest.mark.parametrize("weight_by", ["settings", "validation"])
@@ -190,13 +234,13 @@ def test_ensemble_weights_follow_the_setting(tmp_path: Path, weight_by: str) -> 
             clock=FakeClock(datetime(2026, 1, 5, tzinfo=UTC)),
             max_bars=5,
             backend=InlineBackend(),
+            runner=InlineRunner(),
         )
         try:
-            await asyncio.to_thread(daemon.models.wait_idle)
             await asyncio.sleep(0)
             return dict(daemon.models.weights)
         finally:
-            await asyncio.to_thread(daemon.models.stop)
+            await asyncio.to_thread(daemon.auto.stop)
             daemon.journal.close()
 
     weights = asyncio.run(scenario())
@@ -215,7 +259,8 @@ def test_fallback_to_previous_is_served_and_journaled_with_its_stage(tmp_path: P
     only_xgb = {f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
     eager = tiny_settings(tmp_path, SCALPER__MODELS__MAX_MODEL_AGE_S="60", **only_xgb)
     asyncio.run(run_once(eager, 30))  # 1.0.0
-    asyncio.run(run_once(eager, 30))  # stale: 1.0.1 production, 1.0.0 previous
+    asyncio.run(run_once(eager, 30))  # stale: 1.0.1 in shadow
+    ModelStore(tmp_path / "models", clock=FakeClock()).promote("EURUSD", "xgb", "1.0.1")
     onnx = tmp_path / "models" / "EURUSD" / "xgb" / "1.0.1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-10])  # truncated
     patient = tiny_settings(tmp_path, **only_xgb)  # 1.0.0 is not stale under 24 h
@@ -232,57 +277,56 @@ def test_fallback_to_previous_is_served_and_journaled_with_its_stage(tmp_path: P
     assert {"model_integrity_failed", "model_fallback"} <= kinds
 
 
-def test_the_running_daemon_replaces_a_model_that_goes_stale(tmp_path: Path) -> None:
+def test_the_running_daemon_retrains_a_model_that_goes_stale(tmp_path: Path) -> None:
     only_xgb = {f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
     settings = tiny_settings(tmp_path, SCALPER__MODELS__MAX_MODEL_AGE_S="3600", **only_xgb)
 
-    async def scenario() -> tuple[list[str], list[str], str]:
+    async def scenario() -> tuple[list[object], str, str]:
         daemon = await start_daemon(
             settings,
             clock=FakeClock(datetime(2026, 1, 5, tzinfo=UTC)),
             max_bars=5,
             backend=InlineBackend(),
+            runner=InlineRunner(),
         )
         try:
-            await asyncio.to_thread(daemon.models.wait_idle)
             await asyncio.sleep(0)
             bars = list(daemon.engine.recent_bars["EURUSD"])
-            later = bars[-1].time + timedelta(hours=2)
-
-            def recent(n: int) -> BarColumns:
-                return BarColumns.from_bars(bars[-n:])
-
-            first = daemon.models.check_staleness("EURUSD", later, recent)
-            again = daemon.models.check_staleness("EURUSD", later, recent)  # still queued
-            await asyncio.to_thread(daemon.models.wait_idle)
+            daemon.auto.tick(bars[-1].time)  # the schedule starts counting
+            ran = daemon.auto.tick(bars[-1].time + timedelta(hours=2))
             await asyncio.sleep(0)
-            return first, again, daemon.predictors.snapshot("EURUSD")["xgb"].version
+            serving = daemon.predictors.snapshot("EURUSD")["xgb"].version
+            shadow = daemon.predictors.shadow_snapshot("EURUSD")["xgb"].version
+            return [k.id for k in ran], serving, shadow
         finally:
-            await asyncio.to_thread(daemon.models.stop)
+            await asyncio.to_thread(daemon.auto.stop)
             daemon.journal.close()
 
-    first, again, serving = asyncio.run(scenario())
-    assert first == ["xgb"] and again == []
-    assert serving == "1.0.1"
+    ran, serving, shadow = asyncio.run(scenario())
+    assert "staleness:EURUSD" in ran
+    assert (serving, shadow) == ("1.0.0", "1.0.1")
 
 
 def test_the_bar_loop_checks_models_once_per_market_hour(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[datetime] = []
+    calls: list[datetime | None] = []
 
-    def spy(self: ModelManager, symbol: str, now: datetime, bars: object) -> list[str]:
-        calls.append(now)
+    def spy(self: AutoTrainer, symbol: str) -> list[str]:
+        calls.append(self._market_now)
         return []
 
-    monkeypatch.setattr(ModelManager, "check_staleness", spy)
+    monkeypatch.setattr(AutoTrainer, "check_staleness", spy)
     settings = tiny_settings(
         tmp_path,
         **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "XGB", "LSTM", "MLP")},
     )
     asyncio.run(run_once(settings, 300))  # 300 M1 bars = 5 market hours
     assert len(calls) == 4
-    assert all(b - a >= timedelta(hours=1) for a, b in itertools.pairwise(calls))
+    assert all(
+        a is not None and b is not None and b - a >= timedelta(hours=1)
+        for a, b in itertools.pairwise(calls)
+    )
 
 
 def test_a_production_built_for_another_feature_spec_is_refused_and_replaced(
