@@ -705,6 +705,8 @@ def format_models(conn: sqlite3.Connection, market_now: datetime) -> str:
                 hours = (market_now - parse_iso_utc(trained)).total_seconds() / 3600
                 age = f", age {hours:,.1f} h"
             parts.append(f"{m.get('stage', 'production')} {m.get('production')}{age}")
+        else:
+            parts.append("no model serving")
         trial = trials.get(key)
         if trial:
             what = "shadow" if trial["mode"] == "shadow" else "rollback watch of"

@@ -185,6 +185,12 @@ class ReplayFeed:
                 yield self._streams[symbol].pop()
 
 
+class BarFeed(Protocol):
+    """What the trading engine consumes: closed bars in time order (replay or live)."""
+
+    def bars(self) -> AsyncGenerator[Bar, None]: ...
+
+
 class ClosedBarSource(Protocol):
     """A broker that can be polled for closed bars (MT5's ``copy_rates_from_pos``)."""
 

@@ -857,13 +857,18 @@ class AutoTrainer:
         a = self._a
         if not self._s.models.enabled_kinds:
             return None  # nothing to retrain: the baseline is a fixed rule
-        after = self._emergency_after.get(symbol, 0)
+        # None: never triggered; else the last closed trade seen by the last trigger.
+        after = self._emergency_after.get(symbol)
 
-        def query(conn: Any) -> tuple[list[tuple[int, float]], list[float]]:
+        def query(conn: Any) -> tuple[list[tuple[int, float]], list[float], int]:
+            newest = conn.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM trades WHERE symbol = ? AND status = 'closed'",
+                (symbol,),
+            ).fetchone()[0]
             trades = conn.execute(
                 "SELECT id, net_profit FROM trades WHERE symbol = ? AND status = 'closed' "
                 "AND id > ? ORDER BY id DESC LIMIT ?",
-                (symbol, after, a.emergency_min_trades),
+                (symbol, after or 0, a.emergency_min_trades),
             ).fetchall()
             promoted = conn.execute(
                 "SELECT MAX(time) FROM model_events WHERE symbol = ? AND event IN "
@@ -874,9 +879,13 @@ class AutoTrainer:
                 "SELECT equity FROM equity WHERE time >= ? ORDER BY id",
                 (promoted or "",),
             ).fetchall()
-            return [(int(r[0]), float(r[1] or 0.0)) for r in trades], [float(r[0]) for r in equity]
+            return (
+                [(int(r[0]), float(r[1] or 0.0)) for r in trades],
+                [float(r[0]) for r in equity],
+                int(newest),
+            )
 
-        trades, equity = self._journal.call(query)
+        trades, equity, newest = self._journal.call(query)
         why = None
         if len(trades) >= a.emergency_min_trades:
             win_rate = sum(1 for _, pnl in trades if pnl > 0) / len(trades)
@@ -885,7 +894,9 @@ class AutoTrainer:
                     f"win rate {win_rate:.0%} over the last {len(trades)} closed trades "
                     f"< autotrain.emergency_min_win_rate {a.emergency_min_win_rate:.0%}"
                 )
-        if why is None and len(equity) >= 2:
+        # After a trigger, either rule waits for a full set of new closed trades.
+        fresh = after is None or len(trades) >= a.emergency_min_trades
+        if why is None and fresh and len(equity) >= 2:
             peak = np.maximum.accumulate(np.array(equity))
             drawdown = float(np.max(1.0 - np.array(equity) / peak)) * 100
             if drawdown > a.emergency_max_drawdown_pct:
@@ -896,8 +907,7 @@ class AutoTrainer:
         if why is None:
             return None
         # The same bad trades do not trigger again: wait for new ones.
-        if trades:
-            self._emergency_after[symbol] = max(t for t, _ in trades)
+        self._emergency_after[symbol] = newest
         self._alert("emergency_retrain", f"{symbol}: {why}; retraining", {"symbol": symbol})
         self.request_training(
             symbol,

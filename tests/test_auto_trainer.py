@@ -531,5 +531,7 @@ def test_emergency_retrain_on_drawdown_since_the_last_promotion(tmp_path: Path) 
         world.journal.flush_sync()
         why = world.auto.check_emergency("EURUSD")
         assert why is not None and "drawdown 6.9%" in why
+        # The same drawdown does not fire again before new trades close.
+        assert world.auto.check_emergency("EURUSD") is None
     finally:
         gen.close()

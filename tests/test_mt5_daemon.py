@@ -1,0 +1,98 @@
+"""``python main.py run`` with broker.kind = mt5 on the fake terminal, with and without faults.
+
+The fake runs in step mode: every poll of the feed moves its market one bar on,
+so a daemon on the wall clock sees a new closed bar per poll. Its deal history
+is dumped at shutdown and compared with the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mt5_fixtures import FAKES, MAGIC, assert_journal_matches_fake
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_daemon(
+    tmp_path: Path, fake: dict[str, Any], max_bars: int, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    config = {
+        "start": "now",
+        "step_s": 60,
+        "server_timezone": "Europe/Athens",
+        "symbols": {"EURUSD": {}},
+        "account": {"commission_per_lot": 3.5},
+        **fake,
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SCALPER__")},
+        "PYTHONPATH": os.pathsep.join([str(FAKES), str(ROOT)]),
+        "MT5FAKE_CONFIG": json.dumps(config),
+        "MT5FAKE_DUMP": str(tmp_path / "fake.json"),
+        "SCALPER__BROKER__KIND": "mt5",
+        "SCALPER__BROKER__SERVER_TIMEZONE": "Europe/Athens",
+        "SCALPER__BROKER__POLL_INTERVAL_S": "0.01",
+        "SCALPER__BROKER__RECONNECT_BACKOFF_MAX_S": "1",
+        "SCALPER__STORAGE__JOURNAL_PATH": str(tmp_path / "journal.sqlite3"),
+        "SCALPER__STORAGE__MODELS_DIR": str(tmp_path / "models"),
+        "SCALPER__RISK__KILL_SWITCH_PATH": str(tmp_path / "KILL"),
+        "SCALPER__PAPER__HISTORY_BARS": "200",
+        "SCALPER__LOGGING__LEVEL": "WARNING",
+        "SCALPER__LOGGING__FORMAT": "json",
+        "SCALPER__STRATEGY__TRADE_WITHOUT_MODELS": "true",
+        "SCALPER__STRATEGY__MIN_CONFIDENCE": "0.34",
+        "SCALPER__STRATEGY__MAX_HOLDING_BARS": "3",
+        **{f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "XGB", "LSTM", "MLP")},
+        **extra,
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "run", "--max-bars", str(max_bars)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {},
+        {
+            "random": {
+                "seed": 3,
+                "requote": 0.15,
+                "reject": 0.05,
+                "lost_request": 0.05,
+                "lost_result": 0.1,
+                "timeout_executed": 0.05,
+                "disconnect_per_call": 0.01,
+            }
+        },
+    ],
+    ids=["clean", "faults"],
+)
+def test_daemon_trades_live_on_the_fake_terminal(tmp_path: Path, faults: dict[str, Any]) -> None:
+    proc = run_daemon(tmp_path, {"faults": faults}, max_bars=50)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dump = json.loads((tmp_path / "fake.json").read_text(encoding="utf-8"))
+    compared = assert_journal_matches_fake(tmp_path / "journal.sqlite3", dump["deals"], MAGIC)
+    assert compared >= 5
+    assert dump["concurrent_calls"] == 0
+    if faults:
+        assert dump["init_calls"] > 1  # it lost the link and came back
+
+
+def test_unknown_symbols_only_exit_2_with_the_fix(tmp_path: Path) -> None:
+    proc = run_daemon(tmp_path, {}, max_bars=5, SCALPER__TRADING__SYMBOLS='["EURUSD.z"]')
+    assert proc.returncode == 2
+    assert "EURUSD.z" in proc.stderr and "suffix" in proc.stderr
