@@ -65,6 +65,9 @@ log = structlog.get_logger(__name__)
 AUTOTRAIN_STATE_KEY = "autotrain"
 RETRAIN, STALENESS, DRIFT, EMERGENCY = "retrain", "staleness", "drift", "emergency"
 STALENESS_EVERY_S = 3600
+# Time-of-day and weekday features: a window shorter than a week cannot match the
+# training window's mix of them, so drift checks leave them out.
+CALENDAR_FEATURES = frozenset({"tod_sin", "tod_cos", "day_of_week"})
 # Consecutive failed runs of one (symbol, kind) before an operator is alerted.
 FAILURES_BEFORE_ALERT = 3
 
@@ -387,6 +390,9 @@ class AutoTrainer:
         self._references: dict[tuple[str, str, str], tuple[np.ndarray, tuple[str, ...]]] = {}
         self._market_now: datetime | None = None
         self._trained_at: dict[tuple[str, str, str], str | None] = {}
+        # One drift-triggered retrain per serving version: an alarm on a market that
+        # keeps differing from the training window must not retrain every hour.
+        self._drift_retrained: set[tuple[str, str, str]] = set()
         self._status_written = -math.inf
         self._stopped = False
         self.schedule = Schedule(self._intervals(), self._last_versions())
@@ -824,10 +830,19 @@ class AutoTrainer:
                     log.warning("drift_reference_missing", symbol=symbol, kind=kind, error=str(exc))
                     continue
             reference, names = self._references[cache_key]
+            if (symbol, kind, predictor.version) in self._drift_retrained:
+                continue  # this version already triggered its retrain: wait for a new one
+            # Columns by name; calendar features cannot match a window under a week.
+            cols = [i for i, n in enumerate(names) if n not in CALENDAR_FEATURES]
+            try:
+                current = X[:, [self._spec.index(names[i]) for i in cols]]
+            except (KeyError, ValueError) as exc:
+                log.warning("drift_spec_mismatch", symbol=symbol, kind=kind, error=str(exc))
+                continue
             report = check_drift(
-                reference,
-                X,
-                names,
+                reference[:, cols],
+                current,
+                [names[i] for i in cols],
                 alpha=self._a.drift_alpha,
                 psi_threshold=self._a.drift_psi_threshold,
                 min_share=self._a.drift_min_share,
@@ -841,6 +856,7 @@ class AutoTrainer:
             )
             if report.alarm:
                 drifted.append(kind)
+                self._drift_retrained.add((symbol, kind, predictor.version))
         if drifted:
             self._alert(
                 "drift_alarm",

@@ -535,3 +535,67 @@ def test_emergency_retrain_on_drawdown_since_the_last_promotion(tmp_path: Path) 
         assert world.auto.check_emergency("EURUSD") is None
     finally:
         gen.close()
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def synthetic_bars(n: int) -> list[Bar]:
+    from market_data.synthetic import SyntheticMarket
+
+    frame = SyntheticMarket(seed=5).generate(n)
+    return [
+        Bar(
+            symbol="EURUSD",
+            time=t.to_pydatetime(),
+            open=float(o),
+            high=float(h),
+            low=float(lo),
+            close=float(c),
+            tick_volume=int(v),
+            spread=int(sp),
+        )
+        for t, o, h, lo, c, v, sp in zip(
+            frame["time"],
+            frame["open"],
+            frame["high"],
+            frame["low"],
+            frame["close"],
+            frame["tick_volume"],
+            frame["spread"],
+            strict=True,
+        )
+    ]
+
+
+def test_drift_alarm_triggers_one_retrain_per_serving_version(tmp_path: Path) -> None:
+    from ml.drift import save_reference
+    from strategy.features import BarColumns, compute_features
+
+    gen = make_world(tmp_path)
+    world = next(gen)
+    try:
+        bars = synthetic_bars(3000)
+        world.auto._bars_for = lambda symbol: bars
+        v1 = first_model(world)
+        X = compute_features(
+            SPEC, BarColumns.from_bars(bars), point=0.00001, default_spread_points=10
+        )
+        path = world.store.version_info("EURUSD", "xgb", v1).path
+        # The model learnt on these very bars' features: no drift.
+        save_reference(path, X[500:], SPEC.names)
+        assert world.auto.check_drift("EURUSD") == []
+        events = world.events()
+        assert ("drift_check", v1) in events
+        # A model trained on a market twice as volatile and shifted: drift, one retrain.
+        world.auto._references.clear()
+        save_reference(path, X[500:] * 2.0 + 1.0, SPEC.names)
+        trained = len(world.manager.trained)
+        assert world.auto.check_drift("EURUSD") == ["xgb"]
+        assert world.manager.trained[trained:] == [("EURUSD", "xgb", "drift")]
+        assert ("drift_alarm", v1) in world.events()
+        # Still drifted, but this version already had its retrain.
+        assert world.auto.check_drift("EURUSD") == []
+        assert len(world.manager.trained) == trained + 1
+    finally:
+        gen.close()
