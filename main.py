@@ -725,6 +725,13 @@ def format_models(conn: sqlite3.Connection, market_now: datetime) -> str:
             why = f" ({error})" if error else ""
             parts.append(f"last run {status} {version or ''}{why} at {when}".replace("  ", " "))
         lines.append("; ".join(parts))
+    checks: dict[str, list[str]] = {}
+    for job, when in sorted(next_runs.items()):
+        action, _, rest = job.partition(":")
+        if action != "retrain":
+            checks.setdefault(rest, []).append(f"{action} {when}")
+    for symbol, items in checks.items():
+        lines.append(f"  {symbol} next checks: {', '.join(items)}")
     active = auto.get("active_jobs") or []
     if active:
         lines.append(f"  jobs: {', '.join(active)}")

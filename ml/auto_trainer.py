@@ -29,7 +29,9 @@ trades; this module keeps the models fresh beside it:
   keeps predicting in the shadow slot (stage ``previous``): when the same test
   finds the new one worse, production rolls back to it and the new version is
   rejected for good (the store never promotes a rejected version again by
-  itself).
+  itself). A scheduled retrain of a kind on trial waits for the verdict; a
+  triggered one (drift, emergency, manual) replaces the candidate in shadow, or
+  ends a rollback watch (production stays) and shadows against production.
 
 Shadow scores live in memory: a restart begins the trial again from zero (the
 candidate stays in the store's shadow alias and is loaded back at start-up).
@@ -433,7 +435,11 @@ class AutoTrainer:
         due = self.schedule.due(now)
         for key in due:
             self.schedule.mark(key, now)
-            if key.action == RETRAIN:
+            if key.action == RETRAIN and (key.symbol, key.kind) in self.trials:
+                # A trial in progress gets its verdict before a scheduled retrain
+                # replaces it (triggers - drift, emergency, manual - do not wait).
+                log.info("retrain_deferred", job=key.id, why="trial in progress")
+            elif key.action == RETRAIN:
                 self.request_training(
                     key.symbol, [key.kind], None, reason="schedule", rows=self._s.models.train_bars
                 )
@@ -568,12 +574,39 @@ class AutoTrainer:
         self._after_gates(symbol, kind, info)
 
     def _after_gates(self, symbol: str, kind: str, info: VersionInfo) -> None:
-        """A passing candidate: serve it if nothing serves the kind, else shadow it."""
+        """A passing candidate: serve it if nothing serves the kind, else shadow it.
+
+        It is loaded and warmed first: a candidate that cannot serve (warm-up
+        fails) is rejected and nothing is swapped or moved in the store.
+        """
         serving = self._predictors.snapshot(symbol).get(kind)
         production = self._store.aliases(symbol, kind).get("production")
-        if serving is None or serving.version != production:
+        first = serving is None or serving.version != production
+        try:
+            predictor = (
+                self._manager.load(symbol, kind, info)
+                if first
+                else self._manager.load_for_shadow(symbol, kind, info)
+            )
+        except Exception as exc:  # noqa: BLE001 - not swapped; journaled with the reason
+            self._store.set_stage(symbol, kind, info.version, "rejected")
+            error = f"{type(exc).__name__}: {exc}"
+            self._journal.record_model_event(
+                "swap_failed",
+                symbol=symbol,
+                kind=kind,
+                version=info.version,
+                details={"error": error},
+            )
+            self._journal.record_event(
+                "error", "swap_failed", f"{symbol} {kind} {info.version}: {error}", {}
+            )
+            self.outcomes[(symbol, kind)]["outcome"] = "rejected at warm-up"
+            self.outcomes[(symbol, kind)]["why"] = error
+            return
+        if first or serving is None:
             info = self._store.promote(symbol, kind, info.version)
-            self._manager.serve_version(symbol, kind, info)
+            self._manager.install(symbol, kind, predictor, info)
             self._journal.record_model_event(
                 "auto_promoted",
                 symbol=symbol,
@@ -584,9 +617,10 @@ class AutoTrainer:
             self.outcomes[(symbol, kind)]["outcome"] = "promoted"
             return
         with self._lock:
+            # A newer candidate replaces one in shadow; one under the rollback watch
+            # ends the watch (production stays) and shadows against it.
             self._end_trial(symbol, kind, reject_shadow=True, why="replaced by a newer candidate")
             self._store.set_shadow(symbol, kind, info.version)
-            predictor = self._manager.load_for_shadow(symbol, kind, info)
             self._manager.install_shadow(symbol, kind, predictor)
             self.tracker.watch(
                 symbol, kind, slot_version=info.version, prod_version=serving.version

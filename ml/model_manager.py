@@ -244,7 +244,13 @@ class ModelManager:
             self._store.set_stage(
                 symbol, kind, info.version, "rejected" if gated and not passed else "validated"
             )
-            metrics: dict[str, object] = {**outcome.metrics, "seconds": round(outcome.seconds, 2)}
+            metrics: dict[str, object] = {
+                **outcome.metrics,
+                "seconds": round(outcome.seconds, 2),
+                "window": outcome.manifest.get("training_window"),
+                "samples": outcome.manifest.get("samples"),
+                "reason": request.reason,
+            }
             if outcome.validation is not None:
                 metrics["validation"] = outcome.validation
             self._journal.finish_training_run(
@@ -306,7 +312,14 @@ class ModelManager:
 
     def serve_version(self, symbol: str, kind: str, info: VersionInfo) -> None:
         """Load and warm ``info`` here (off the loop), then swap it in on the loop."""
-        predictor = self._load(symbol, kind, info)
+        self.install(symbol, kind, self.load(symbol, kind, info), info)
+
+    def load(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:
+        """Load and warm up (raises when the artifact cannot serve: nothing is swapped)."""
+        return self._load(symbol, kind, info)
+
+    def install(self, symbol: str, kind: str, predictor: OnnxPredictor, info: VersionInfo) -> None:
+        """Swap a loaded, warm predictor in on the loop (primed with recent rows first)."""
         self.call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
 
     def load_for_shadow(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:

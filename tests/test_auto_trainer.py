@@ -211,6 +211,7 @@ class FakeManager:
         self.trained: list[tuple[str, str, str]] = []
         self.served: list[tuple[str, str, str]] = []
         self.stopped = False
+        self.broken: set[str] = set()  # versions whose warm-up fails
 
     def train_one(
         self, request: TrainingRequest, kind: str, *, timeout_s: float | None = None
@@ -237,8 +238,19 @@ class FakeManager:
         self.served.append((symbol, kind, info.version))
         self.predictors.swap(symbol, kind, FakePredictor(kind, info.version))
 
+    def load(self, symbol: str, kind: str, info: VersionInfo) -> FakePredictor:
+        if info.version in self.broken:
+            raise RuntimeError("warm-up failed: ONNX Runtime cannot run the graph")
+        return FakePredictor(kind, info.version)
+
+    def install(self, symbol: str, kind: str, predictor: Any, info: VersionInfo) -> None:
+        self.served.append((symbol, kind, info.version))
+        self.predictors.swap(symbol, kind, predictor)
+
     def load_for_shadow(self, symbol: str, kind: str, info: VersionInfo) -> FakePredictor:
-        return FakePredictor(kind, info.version, "shadow")
+        predictor = self.load(symbol, kind, info)
+        predictor.stage = "shadow"
+        return predictor
 
     def install_shadow(self, symbol: str, kind: str, predictor: Any) -> None:
         self.predictors.swap_shadow(symbol, kind, predictor)
@@ -452,6 +464,19 @@ def test_a_newer_candidate_replaces_the_one_in_shadow(world: World) -> None:
     assert world.predictors.shadow_snapshot("EURUSD")["xgb"].version == v3
 
 
+def test_a_scheduled_retrain_waits_for_the_trial_in_progress(world: World) -> None:
+    first_model(world)
+    world.auto.request_training("EURUSD", ["xgb"], None, reason="drift", rows=50)
+    v2 = world.store.aliases("EURUSD", "xgb")["shadow"]
+    trained = len(world.manager.trained)
+    interval = world.settings.models.xgb.retrain_every_s
+    world.auto.tick(T0)
+    ran = world.auto.tick(T0 + timedelta(seconds=interval))
+    assert JobKey("retrain", "EURUSD", "xgb") in ran  # due, but deferred
+    assert len(world.manager.trained) == trained
+    assert world.store.aliases("EURUSD", "xgb")["shadow"] == v2
+
+
 def test_a_manual_promote_ends_the_trial(world: World) -> None:
     first_model(world)
     world.auto.request_training("EURUSD", ["xgb"], None, reason="schedule", rows=50)
@@ -460,6 +485,17 @@ def test_a_manual_promote_ends_the_trial(world: World) -> None:
     world.auto.reload("EURUSD", "xgb")
     assert world.auto.trials == {}
     assert world.predictors.snapshot("EURUSD")["xgb"].version == v2
+
+
+def test_a_candidate_that_fails_warm_up_is_not_swapped(world: World) -> None:
+    v1 = first_model(world)
+    world.manager.broken = {"1.0.1"}
+    world.auto.request_training("EURUSD", ["xgb"], None, reason="schedule", rows=50)
+    assert world.store.aliases("EURUSD", "xgb")["shadow"] is None
+    assert world.store.stages("EURUSD", "xgb")["1.0.1"] == "rejected"
+    assert world.predictors.shadow_snapshot("EURUSD") == {}
+    assert world.predictors.snapshot("EURUSD")["xgb"].version == v1
+    assert ("swap_failed", "1.0.1") in world.events()
 
 
 def test_failed_runs_alert_after_three_in_a_row(world: World) -> None:

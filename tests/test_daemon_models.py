@@ -163,6 +163,34 @@ class FailingBackend:
         """Nothing to stop."""
 
 
+class HangingBackend:
+    """A worker that never answers; ``reset`` is how the trainer kills it."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def submit(self, job: TrainJob) -> concurrent.futures.Future[TrainOutcome]:
+        return concurrent.futures.Future()  # never completes
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+def test_a_training_job_past_its_timeout_is_killed_and_recorded_as_failed(
+    tmp_path: Path,
+) -> None:
+    only_xgb = {f"SCALPER__MODELS__{k}__ENABLED": "false" for k in ("RF", "LSTM", "MLP")}
+    settings = tiny_settings(tmp_path, SCALPER__AUTOTRAIN__JOB_TIMEOUT_S="0.05", **only_xgb)
+    backend = HangingBackend()
+    assert asyncio.run(run_once(settings, 5, backend=backend)) == {"baseline": "1.0.0"}
+    assert backend.resets == 1
+    runs = query(tmp_path / "journal.sqlite3", "SELECT status, error FROM training_runs")
+    assert runs[0][0] == "failed" and "job_timeout_s = 0.05 s" in str(runs[0][1])
+
+
 def test_failed_training_is_journaled_and_the_baseline_keeps_serving(tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path)
     journal = tmp_path / "journal.sqlite3"
