@@ -137,10 +137,19 @@ class RiskManager:
         )
 
     def size(
-        self, equity: float, spec: SymbolSpec, entry_price: float, stop_distance: float
+        self,
+        equity: float,
+        spec: SymbolSpec,
+        entry_price: float,
+        stop_distance: float,
+        *,
+        fraction: float = 1.0,
     ) -> SizeDecision:
-        """Lots that lose ``risk_per_trade_pct`` of ``equity`` at the stop, floored to a step."""
-        pct = self._s.risk_per_trade_pct
+        """Lots that lose ``risk_per_trade_pct`` of ``equity`` at the stop, floored to a step.
+
+        ``fraction`` (0..1] takes that share of the budget (a canary's part of a position).
+        """
+        pct = self._s.risk_per_trade_pct * fraction
         if not (math.isfinite(equity) and equity > 0):
             return SizeDecision(0.0, 0.0, f"equity {equity} is not positive; no trade")
         if not (math.isfinite(stop_distance) and stop_distance > 0):

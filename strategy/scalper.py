@@ -34,7 +34,7 @@ from execution.retcodes import name as retcode_name
 from execution.risk import RiskManager
 from market_data.bars import Bar
 from ml.predictor_map import PredictorMap
-from strategy.ensemble import EnsembleResult, predict_all
+from strategy.ensemble import EnsembleResult, combine, predict_all
 from strategy.features import FeatureEngine, FeatureSpec
 from utils.clock import Clock
 from utils.trade_journal import Journal, PredictionRow, TradeClose, TradeOpen
@@ -126,6 +126,7 @@ class ScalpingStrategy:
         self._timer = timer
         self._crash = crash or CrashPoint(None)
         self._atr_idx = feature_spec.index("atr")
+        self._canary_fraction = settings.autotrain.canary_fraction
         self._timeframe_s = settings.trading.timeframe_s
         self._engines = {
             sym: FeatureEngine(
@@ -170,23 +171,43 @@ class ScalpingStrategy:
             return
         self._rows[bar.symbol].append(row)
         predictors = self._predictors.snapshot(bar.symbol)
+        shadow = self._predictors.shadow_snapshot(bar.symbol)
+        canary = self._canary_fraction > 0 and any(p.stage == "shadow" for p in shadow.values())
         result = predict_all(predictors, row, self._weights, self._timer, self._spec.hash)
+        shadow_result = None
+        if canary:
+            # A canary's candidate must answer before the decision it takes part in.
+            shadow_result = predict_all(shadow, row, {}, self._timer, self._spec.hash)
         self.status.decision_us.append((self._timer() - t0) / 1000.0)
         self._report_failures(bar, result)
         positions = await self._broker.positions()
         await self._manage_exits(bar, result, [p for p in positions if p.symbol == bar.symbol])
         await self._maybe_enter(
-            bar, row, result, positions, only_baseline=_only_baseline(predictors)
+            bar,
+            row,
+            result,
+            positions,
+            only_baseline=_only_baseline(predictors),
+            canary=self._canary_set(result, shadow_result) if shadow_result else None,
         )
         self.status.bar_us.append((self._timer() - t0) / 1000.0)
         self._record_predictions(bar, result)
         # Shadow candidates answer after the decision was sent: outside its latency.
-        shadow = self._predictors.shadow_snapshot(bar.symbol)
-        if shadow or self.on_scored is not None:
+        if shadow_result is None and (shadow or self.on_scored is not None):
             shadow_result = predict_all(shadow, row, {}, self._timer, self._spec.hash)
+        if shadow_result is not None:
             self._record_predictions(bar, shadow_result)
             if self.on_scored is not None:
                 self.on_scored(bar, row, result, shadow_result)
+
+    def _canary_set(self, result: EnsembleResult, shadow: EnsembleResult) -> np.ndarray | None:
+        """The ensemble with each candidate in shadow standing in for its kind."""
+        candidates = {o.kind: o for o in shadow.outputs if o.stage == "shadow"}
+        if not candidates:
+            return None
+        outputs = tuple(candidates.get(o.kind, o) for o in result.outputs)
+        outputs += tuple(o for k, o in candidates.items() if k not in {x.kind for x in outputs})
+        return combine(outputs, self._weights)
 
     # -- exits ------------------------------------------------------------------------
 
@@ -307,6 +328,7 @@ class ScalpingStrategy:
         positions: list[Position],
         *,
         only_baseline: bool,
+        canary: np.ndarray | None = None,
     ) -> None:
         if self.entries_halted:
             self._block(self.entries_halted, code="halted", bar=bar, warn=True)
@@ -319,7 +341,15 @@ class ScalpingStrategy:
             self._block(reason, code="no_model", bar=bar, warn=True)
             return
         side = self._signal(result.proba)
-        if side is None:
+        fraction = 1.0
+        if canary is not None:
+            # Canary: autotrain.canary_fraction of the size follows the candidate set,
+            # the rest production; an entry only the candidate wants is that share.
+            f = self._canary_fraction
+            canary_side = self._signal(canary)
+            side = side or canary_side
+            fraction = (1 - f) * (self._signal(result.proba) is side) + f * (canary_side is side)
+        if side is None or fraction <= 0:
             return
         spec = self._specs[bar.symbol]
         account = await self._broker.account()
@@ -339,7 +369,7 @@ class ScalpingStrategy:
         self._block(None, code=None, bar=bar, warn=False)
         entry = bar.close + (spread_points * spec.point if side is Side.BUY else 0.0)
         stop = self._risk.stop_distance(float(row[self._atr_idx]), spec)
-        size = self._risk.size(account.equity, spec, entry, stop)
+        size = self._risk.size(account.equity, spec, entry, stop, fraction=fraction)
         if size.volume <= 0:
             self._block(size.reason or "position size is zero", code="size", bar=bar, warn=True)
             return
@@ -372,6 +402,8 @@ class ScalpingStrategy:
             return
         confidence = float(result.proba[2] if side is Side.BUY else result.proba[0])
         model_set = ",".join(f"{o.kind}:{o.version}" for o in result.outputs)
+        if fraction < 1.0:
+            model_set += f";canary {fraction:.2f}"
         await self._journal.open_trade(
             TradeOpen(
                 client_order_id=coid,
