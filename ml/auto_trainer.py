@@ -524,7 +524,7 @@ class AutoTrainer:
             if self._submit(job_id, functools.partial(self._retrain, request, kind), "training"):
                 queued.append(kind)
             else:
-                log.info("retrain_coalesced", symbol=symbol, kind=kind, reason=reason)
+                log.debug("retrain_coalesced", symbol=symbol, kind=kind, reason=reason)
         return queued
 
     def _retrain(self, request: TrainingRequest, kind: str) -> None:

@@ -8,6 +8,7 @@ is dumped at shutdown and compared with the journal.
 from __future__ import annotations
 
 import json
+import sqlite3
 import os
 import subprocess
 import sys
@@ -96,3 +97,59 @@ def test_unknown_symbols_only_exit_2_with_the_fix(tmp_path: Path) -> None:
     proc = run_daemon(tmp_path, {}, max_bars=5, SCALPER__TRADING__SYMBOLS='["EURUSD.z"]')
     assert proc.returncode == 2
     assert "EURUSD.z" in proc.stderr and "suffix" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {},
+        {
+            "random": {
+                "seed": 5,
+                "requote": 0.1,
+                "reject": 0.05,
+                "lost_result": 0.1,
+                "disconnect_per_call": 0.01,
+            }
+        },
+    ],
+    ids=["clean", "faults"],
+)
+def test_daemon_trades_live_with_its_own_models_on_the_fake_terminal(
+    tmp_path: Path, faults: dict[str, Any]
+) -> None:
+    """Models included: the first ones train (and pass the opened gates) before trading."""
+    tiny = {
+        "SCALPER__MODELS__XGB__ENABLED": "true",
+        "SCALPER__MODELS__MLP__ENABLED": "true",
+        "SCALPER__MODELS__INITIAL_TRAIN_BARS": "1500",
+        "SCALPER__PAPER__HISTORY_BARS": "1500",
+        "SCALPER__MODELS__RETRAIN_FIRST_WHEN_STALE": "true",
+        "SCALPER__MODELS__XGB__N_ESTIMATORS": "8",
+        "SCALPER__MODELS__XGB__MAX_DEPTH": "3",
+        "SCALPER__MODELS__MLP__MAX_STEPS": "20",
+        "SCALPER__MODELS__MLP__HIDDEN_1": "8",
+        "SCALPER__MODELS__MLP__HIDDEN_2": "8",
+        "SCALPER__MODELS__MLP__HIDDEN_3": "8",
+        "SCALPER__VALIDATION__MIN_ACCURACY_EDGE": "-1",
+        "SCALPER__VALIDATION__MAX_LOG_LOSS": "100",
+        "SCALPER__VALIDATION__MIN_TRADES": "0",
+        "SCALPER__VALIDATION__MIN_SHARPE": "-1000000",
+        "SCALPER__VALIDATION__MAX_DRAWDOWN_PCT": "100",
+        "SCALPER__VALIDATION__BEAT_BASELINE": "false",
+        "SCALPER__VALIDATION__MAX_LATENCY_P99_MS": "1000",
+    }
+    proc = run_daemon(tmp_path, {"faults": faults}, max_bars=40, **tiny)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dump = json.loads((tmp_path / "fake.json").read_text(encoding="utf-8"))
+    assert assert_journal_matches_fake(tmp_path / "journal.sqlite3", dump["deals"], MAGIC) >= 1
+    conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+    try:
+        runs = conn.execute("SELECT kind, status FROM training_runs ORDER BY id").fetchall()
+        model_sets = {r[0] for r in conn.execute("SELECT model_set FROM trades")}
+        predicted = {r[0] for r in conn.execute("SELECT DISTINCT model FROM predictions")}
+    finally:
+        conn.close()
+    assert sorted(runs) == [("mlp", "passed"), ("xgb", "passed")]
+    assert {"xgb", "mlp"} <= predicted
+    assert all("xgb:1.0.0" in s and "mlp:1.0.0" in s for s in model_sets)
