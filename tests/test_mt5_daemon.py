@@ -8,8 +8,8 @@ is dumped at shutdown and compared with the journal.
 from __future__ import annotations
 
 import json
-import sqlite3
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
