@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import decision, models
+from bench import autotrain, decision, drift, models
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = asyncio.run(decision.run(Path(tmp), quick=args.quick))
         sections.append(decision.render(results))
         for line in decision.summary_lines(results):
+            print(line)
+        sections.append(drift.render(drift.run(quick=args.quick)))  # run() prints its lines
+        auto = asyncio.run(autotrain.run(Path(tmp) / "autotrain-bench", quick=args.quick))
+        sections.append(autotrain.render(auto))
+        for line in autotrain.summary_lines(auto):
             print(line)
         # Last: its naive variant imports scikit-learn, xgboost and torch into this process.
         model_results = asyncio.run(models.run(Path(tmp) / "models-bench", quick=args.quick))

@@ -34,7 +34,9 @@ trades; this module keeps the models fresh beside it:
   ends a rollback watch (production stays) and shadows against production.
 
 Shadow scores live in memory: a restart begins the trial again from zero (the
-candidate stays in the store's shadow alias and is loaded back at start-up).
+candidate stays in the store's shadow alias and is loaded back at start-up); a
+rollback watch in progress ends with a restart (the promotion stands; the
+store's ``previous`` alias still allows ``python main.py models rollback``).
 """
 
 from __future__ import annotations
