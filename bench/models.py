@@ -500,6 +500,7 @@ class _NativePredictor:
         self.kind = kind
         self.version = version
         self.feature_hash = feature_hash
+        self.stage = "production"
         self.seq = int(model.sequence_length)
         self.window: deque[np.ndarray] = deque(maxlen=max(self.seq, 1))
 

@@ -766,7 +766,7 @@ class AutoTrainer:
         def swap() -> None:
             previous.stage = "production"
             self._manager.weights[kind] = self._manager.weight_of(kind, info)
-            self._predictors.swap(symbol, kind, previous)
+            self._manager.retire(self._predictors.swap(symbol, kind, previous))
             self._predictors.swap_shadow(symbol, kind, None)
 
         self._manager.call_in_loop(swap)

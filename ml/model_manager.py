@@ -98,6 +98,7 @@ class ModelManager:
         self._baseline = baseline
         self.weights: dict[str, float] = {}
         self.stopping = threading.Event()
+        self._reaper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-reaper")
         self.trained = 0
         self.failed = 0
 
@@ -163,8 +164,7 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001 - the trial is dropped, production serves
             log.error("shadow_load_failed", symbol=symbol, kind=kind, error=str(exc))
             return
-        for row in self._recent_rows(symbol):
-            predictor.observe(row)
+        self.prime(symbol, predictor)
         self._predictors.swap_shadow(symbol, kind, predictor)
 
     def missing_or_stale(self, symbol: str, market_now: datetime) -> tuple[list[str], list[str]]:
@@ -183,10 +183,9 @@ class ModelManager:
         self, symbol: str, kind: str, predictor: OnnxPredictor, info: VersionInfo
     ) -> None:
         """On the loop thread: prime the window with recent rows, then swap."""
-        for row in self._recent_rows(symbol):
-            predictor.observe(row)
+        self.prime(symbol, predictor)
         self.weights[kind] = self.weight_of(kind, info)
-        self._predictors.swap(symbol, kind, predictor)
+        self.retire(self._predictors.swap(symbol, kind, predictor))
         # The baseline stays the benchmark, but once a model serves it stops voting.
         self._predictors.swap(symbol, "baseline", None)
         self._journal.record_model_event(
@@ -333,16 +332,28 @@ class ModelManager:
 
         def install() -> None:
             if predictor is not None:
-                for row in self._recent_rows(symbol):
-                    predictor.observe(row)
-            self._predictors.swap_shadow(symbol, kind, predictor)
+                self.prime(symbol, predictor)
+            self.retire(self._predictors.swap_shadow(symbol, kind, predictor))
 
         self.call_in_loop(install)
+
+    def prime(self, symbol: str, predictor: Predictor) -> None:
+        """Fill a sequence model's window with the latest rows (row models need none)."""
+        seq = int(getattr(predictor, "sequence_length", 0) or 0)
+        if seq:
+            for row in self._recent_rows(symbol)[-seq:]:
+                predictor.observe(row)
+
+    def retire(self, predictor: object) -> None:
+        """Free a replaced model off the loop: releasing an ONNX session costs ~5 ms."""
+        if predictor is not None:
+            self._reaper.submit(_drop, predictor)
 
     def stop(self) -> None:
         """Abandon training in progress (the daemon is stopping)."""
         self.stopping.set()
         self._backend.shutdown()
+        self._reaper.shutdown(wait=False)
 
     def _job(
         self, symbol: str, kind: str, cache: Path, draft: Path, request: TrainingRequest
@@ -401,6 +412,10 @@ class ModelManager:
         self._predictors.swap(symbol, kind, None)
         if not self._predictors.snapshot(symbol):
             self._predictors.swap(symbol, "baseline", self._baseline())
+
+
+def _drop(predictor: object) -> None:
+    """The reaper's job: the last reference goes when this call's arguments do."""
 
 
 def seed_param(kind: str, seed: int) -> Mapping[str, int]:

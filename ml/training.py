@@ -16,6 +16,7 @@ default ``LocalProcessBackend`` is a one-worker ``spawn`` process pool.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -264,9 +265,23 @@ def _worker_init(parent_pid: int) -> None:
     # One thread per library: two threads collapse training ~5x next to a live loop.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    _lower_priority()
     # A worker must not outlive a daemon that was killed: it would keep a core busy
     # and write into a draft the restarted daemon has already cleaned up.
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _lower_priority() -> None:
+    """Training yields the CPU to the trading loop when both want the same core."""
+    if hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(10)
+        return
+    with contextlib.suppress(Exception):  # Windows: BELOW_NORMAL_PRIORITY_CLASS
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        kernel32.SetPriorityClass(kernel32.GetCurrentProcess(), 0x00004000)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

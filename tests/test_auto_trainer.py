@@ -261,6 +261,9 @@ class FakeManager:
     def weight_of(self, kind: str, info: VersionInfo) -> float:
         return 1.0
 
+    def retire(self, predictor: object) -> None:
+        """Dropped at once here."""
+
     def reload(self, symbol: str, kind: str) -> None:
         info = self.store.resolve(symbol, kind)
         if info is not None:
