@@ -490,7 +490,7 @@ async def serve(
     journal.record_event(
         "info",
         "daemon_started",
-        f"paper daemon started on {', '.join(settings.trading.symbols)}",
+        f"{settings.broker.kind} daemon started on {', '.join(settings.trading.symbols)}",
         {
             "settings": settings.public_dict(),
             "resumed_after": {k: iso_utc(v) for k, v in daemon.resumed_after.items()},

@@ -14,23 +14,35 @@ Policies (CONVENTIONS.md, "Orders"):
   ``shutdown()``, ``initialize()`` again with capped exponential backoff on the
   injected clock, then the ``on_connected`` hook (reconciliation with the
   journal). Trading is paused meanwhile: every call waits for the link.
+- A call that hangs past ``call_timeout_s`` is abandoned (its thread with it) and
+  treated as IPC timeout; mt5linux clients are rebuilt after a dead link, and a
+  bridge that is not up is retried like a terminal that is not ready.
+- ``terminal_info()`` is read every ``terminal_check_s`` as the feed polls:
+  ``connected`` False (like 10031) pauses trading until it is back, then
+  reconciles; ``trade_allowed`` drives the Algo Trading halt. The server's
+  10026 halt is separate and sticky (lifted by a fill or the account flag).
 - An ``order_send`` that returns ``None`` or 10012 is ambiguous: the order is
   looked up by its client id (positions, then deal history) and never resent.
+  While a send runs its id is in flight: a reconciliation triggered meanwhile
+  neither adopts its position nor closes its trade.
 - Times from the terminal are the server's wall clock; they become UTC here,
-  once, with ``broker.server_timezone`` (checked against the latest tick).
+  once, with ``broker.server_timezone`` (judged against fresh ticks as they
+  come; the hour repeated in autumn placed by order and the clock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import math
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from enum import StrEnum
 from functools import lru_cache
 from types import MappingProxyType
@@ -81,6 +93,7 @@ DEAL_ENTRY_IN = 0
 DEAL_ENTRY_OUT = 1
 DEAL_ENTRY_INOUT = 2
 DEAL_ENTRY_OUT_BY = 3
+ACCOUNT_MARGIN_MODE_HEDGING = 2
 DEAL_REASON_SL = 4
 DEAL_REASON_TP = 5
 TIMEFRAMES: Mapping[int, int] = MappingProxyType(
@@ -161,6 +174,16 @@ RETCODE_POLICY: Mapping[int, Policy] = MappingProxyType(
 )
 
 
+# What a CORRECT_ONCE correction changes: an unchanged request is not resent.
+CORRECTED_FIELDS: Mapping[int, tuple[str, ...]] = MappingProxyType(
+    {
+        rc.INVALID_VOLUME: ("volume",),
+        rc.INVALID_FILL: ("type_filling",),
+        rc.INVALID_STOPS: ("sl", "tp"),
+    }
+)
+
+
 def policy_for(retcode: int) -> Policy:
     """The policy of a retcode; unknown codes are rejections (never retried)."""
     return RETCODE_POLICY.get(retcode, Policy.REJECT)
@@ -206,10 +229,24 @@ class MT5Config:
     busy_retries: int = 3
     lookup_window_s: float = 7 * 86400.0
     init_timeout_ms: int = 60_000
+    # A terminal call that has not answered after this long (real seconds; initialize
+    # gets init_timeout_ms on top) counts as a lost link: reconnect. None: no limit.
+    call_timeout_s: float | None = 120.0
+    # The server clock is judged only against ticks at most this old (a weekend's
+    # last tick says nothing about the offset); re-checked as ticks arrive.
+    fresh_tick_max_age_s: float = 300.0
+    # How often (monotonic seconds) the feed's polls also read terminal_info():
+    # connected (10031 / offline -> pause) and Algo Trading.
+    terminal_check_s: float = 5.0
 
 
 def load_terminal_module(config: MT5Config) -> Any:
-    """The ``MetaTrader5`` module (kind "mt5") or an ``mt5linux`` client (kind "mt5linux")."""
+    """The ``MetaTrader5`` module (kind "mt5") or an ``mt5linux`` client (kind "mt5linux").
+
+    A bridge that cannot be reached raises ``ConnectionError``/``OSError`` (the
+    caller retries with backoff: the Wine side may come up later); a missing
+    package or an RPyC version mismatch is a set-up error.
+    """
     if config.kind == "mt5":
         try:
             return importlib.import_module("MetaTrader5")
@@ -220,26 +257,45 @@ def load_terminal_module(config: MT5Config) -> Any:
                 f"broker.kind = 'mt5linux' with the terminal under Wine ({exc})"
             ) from None
     if config.kind == "mt5linux":
-        try:
-            bridge = importlib.import_module("mt5linux")
-        except ImportError as exc:
-            raise BrokerSetupError(
-                "broker.kind = 'mt5linux' needs the mt5linux package: "
-                f"pip install 'mt5linux>=0.2.4,<1.1' ({exc})"
-            ) from None
+        bridge = _import_bridge()
         try:
             return bridge.MetaTrader5(host=config.host, port=config.port)
-        except (ConnectionError, OSError) as exc:
-            raise BrokerSetupError(
-                f"mt5linux bridge at {config.host}:{config.port} is not reachable ({exc}); "
-                "start `python -m mt5linux` in the Wine Python, or set broker.host/broker.port"
-            ) from None
         except ValueError as exc:
             raise BrokerSetupError(
                 f"mt5linux bridge at {config.host}:{config.port} speaks another RPyC version "
                 f"({exc}); install the same mt5linux version on both sides"
             ) from None
     raise BrokerSetupError(f"broker.kind = {config.kind!r} is not an MT5 kind")
+
+
+def _import_bridge() -> Any:
+    try:
+        return importlib.import_module("mt5linux")
+    except ImportError as exc:
+        raise BrokerSetupError(
+            "broker.kind = 'mt5linux' needs the mt5linux package: "
+            f"pip install 'mt5linux>=0.2.4,<1.1' ({exc})"
+        ) from None
+
+
+BRIDGE_HINT = (
+    "start the bridge: on Linux `python -m mt5linux <path to the Windows python.exe>` "
+    "(it runs the RPyC server under Wine), or `wine python.exe -m rpyc.cli.rpyc_classic "
+    "--host 127.0.0.1 -p PORT` in the Wine Python; or fix broker.host/broker.port"
+)
+
+
+def _close_bridge(client: Any) -> None:
+    """Best effort: close a dead mt5linux client's RPyC connection (its attribute is private)."""
+    for name in ("_MetaTrader5__conn", "_conn", "conn"):
+        conn = getattr(client, name, None)
+        close = getattr(conn, "close", None)
+        if callable(close):
+            try:
+                close()
+            except (*_BRIDGE_ERRORS, AttributeError, RuntimeError):
+                log.debug("bridge_close_failed", attribute=name)
+            return
 
 
 # -- pure helpers (tested directly) -----------------------------------------------------
@@ -261,12 +317,23 @@ def normalise_volume(volume: float, step: float, vmin: float, vmax: float) -> fl
     return float(n * dstep)
 
 
-def round_price(price: float, digits: int, rounding: str | None = None) -> float:
+def round_price(
+    price: float, digits: int, rounding: str | None = None, tick_size: float = 0.0
+) -> float:
+    """``price`` on the symbol's price grid: a multiple of ``tick_size`` (when set), ``digits``.
+
+    MT5_API §4: prices are rounded to ``digits`` and to ``trade_tick_size`` (a
+    symbol such as an index may have digits=2 but move in 0.25 steps).
+    ``rounding`` is a ``decimal`` mode (None: to the nearest).
+    """
     quantum = Decimal(1).scaleb(-digits)
     value = _decimal(price)
-    if rounding is None:
-        return float(value.quantize(quantum))
-    return float(value.quantize(quantum, rounding=rounding))
+    mode = rounding or ROUND_HALF_EVEN
+    if tick_size > 0:
+        tick = _decimal(tick_size)
+        if tick > quantum:
+            value = (value / tick).to_integral_value(rounding=mode) * tick
+    return float(value.quantize(quantum, rounding=mode))
 
 
 class StopsError(ValueError):
@@ -281,6 +348,7 @@ def adjust_stops(
     tp: float | None,
     min_distance: float,
     digits: int,
+    tick_size: float = 0.0,
 ) -> tuple[float, float]:
     """SL/TP (0.0 = none) at least ``min_distance`` from the fresh tick, rounded outwards.
 
@@ -294,16 +362,16 @@ def adjust_stops(
         if (sl - ref) * side.sign >= 0:
             raise StopsError(f"sl {sl} is not on the loss side of the price {ref}")
         if side is Side.BUY:
-            out_sl = round_price(min(sl, ref - min_distance), digits, ROUND_FLOOR)
+            out_sl = round_price(min(sl, ref - min_distance), digits, ROUND_FLOOR, tick_size)
         else:
-            out_sl = round_price(max(sl, ref + min_distance), digits, ROUND_CEILING)
+            out_sl = round_price(max(sl, ref + min_distance), digits, ROUND_CEILING, tick_size)
     if tp:
         if (tp - ref) * side.sign <= 0:
             raise StopsError(f"tp {tp} is not on the profit side of the price {ref}")
         if side is Side.BUY:
-            out_tp = round_price(max(tp, ref + min_distance), digits, ROUND_CEILING)
+            out_tp = round_price(max(tp, ref + min_distance), digits, ROUND_CEILING, tick_size)
         else:
-            out_tp = round_price(min(tp, ref - min_distance), digits, ROUND_FLOOR)
+            out_tp = round_price(min(tp, ref - min_distance), digits, ROUND_FLOOR, tick_size)
     return out_sl, out_tp
 
 
@@ -323,21 +391,82 @@ def filling_modes(filling_mask: int, execution_mode: int) -> list[int]:
     return modes
 
 
+# A stored comment shorter than this is too short to name one order safely (base32
+# ids: 4 characters leave about one chance in a million of a stranger's match).
+MIN_ID_PREFIX = 4
+
+
 def same_client_id(stored: str, client_order_id: str) -> bool:
     """A stored comment names our id, also when the server cut it (CONVENTIONS: Orders)."""
     if not stored or not client_order_id:
         return False
     if stored == client_order_id:
         return True
-    return len(stored) >= 8 and client_order_id.startswith(stored)
+    return len(stored) >= MIN_ID_PREFIX and client_order_id.startswith(stored)
+
+
+# How far past the reference instant a server time may convert (the server's clock
+# may run a little ahead of ours) and still be read as the later of two occurrences.
+DST_SLACK_S = 600
 
 
 @lru_cache(maxsize=8192)
-def server_epoch_to_utc(seconds: int, tz_name: str) -> datetime:
-    """One server wall-clock epoch value as a UTC datetime (market_data.timezones rules)."""
-    naive = pd.Series(pd.to_datetime([int(seconds)], unit="s"))
-    converted = to_utc(naive, tz_name).iloc[0]
-    return datetime.fromtimestamp(converted.value / 1e9, tz=UTC)
+def _utc_occurrences(seconds: int, tz_name: str) -> tuple[int, int]:
+    """UTC epoch seconds of one server wall time: (first, second) occurrence.
+
+    They differ only in the hour repeated when the clocks go back.
+    """
+    naive = pd.Series(pd.to_datetime([int(seconds), int(seconds)], unit="s"))
+    both = to_utc(naive, tz_name)  # a repeated value is read as the second occurrence
+    return int(both.iloc[0].value // 10**9), int(both.iloc[1].value // 10**9)
+
+
+def server_epoch_to_utc(seconds: int, tz_name: str, not_after: datetime | None = None) -> datetime:
+    """One server wall-clock epoch value as a UTC datetime (market_data.timezones rules).
+
+    In the hour repeated when the clocks go back, the wall time is the later
+    occurrence when that one is at or before ``not_after`` (the reference: now,
+    or the latest tick), else the earlier one: the events converted here (ticks,
+    fills, bars just closed) happened before the reference and as late as possible.
+    """
+    first, second = _utc_occurrences(int(seconds), tz_name)
+    chosen = first
+    if second != first and not_after is not None and second <= not_after.timestamp() + DST_SLACK_S:
+        chosen = second
+    return datetime.fromtimestamp(chosen, tz=UTC)
+
+
+def server_epochs_to_utc_ns(
+    seconds: np.ndarray, tz_name: str, not_after: datetime | None = None
+) -> np.ndarray:
+    """Server wall epochs (oldest first) as UTC epoch nanoseconds, DST-aware.
+
+    Each time of the repeated fall-back hour becomes the latest occurrence that
+    stays strictly before the next row and at or before ``not_after``: the rows
+    are in time order, so a wall clock that went back reads as the second hour.
+    """
+    values = np.asarray(seconds, dtype=np.int64)
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    unique, inverse = np.unique(values, return_inverse=True)
+    naive = pd.Series(pd.to_datetime(np.concatenate([unique, unique]), unit="s"))
+    both = to_utc(naive, tz_name).to_numpy("datetime64[ns]").astype(np.int64)
+    first = both[: len(unique)][inverse]
+    second = both[len(unique) :][inverse]
+    ambiguous = first != second
+    if not ambiguous.any():
+        return first
+    out = first.copy()
+    bound = (
+        int((not_after.timestamp() + DST_SLACK_S) * 10**9)
+        if not_after is not None
+        else int(np.iinfo(np.int64).max)
+    )
+    for i in range(len(out) - 1, -1, -1):
+        if ambiguous[i] and second[i] <= bound:
+            out[i] = second[i]
+        bound = int(out[i]) - 1
+    return out
 
 
 def utc_to_server_epoch(moment: datetime, tz_name: str) -> int:
@@ -345,19 +474,30 @@ def utc_to_server_epoch(moment: datetime, tz_name: str) -> int:
 
 
 def rates_to_bars(
-    symbol: str, rates: np.ndarray, tz_name: str, *, closed_before_server: int | None, tf_s: int
+    symbol: str,
+    rates: np.ndarray,
+    tz_name: str,
+    *,
+    closed_before_utc: datetime | None,
+    tf_s: int,
 ) -> list[Bar]:
-    """Closed bars (UTC) from a rates array; bars still open at ``closed_before_server`` dropped."""
+    """Closed bars (UTC) from a rates array; bars still open at ``closed_before_utc`` dropped.
+
+    ``closed_before_utc`` (the latest tick, in UTC) is also the reference for
+    the repeated fall-back hour (see ``server_epochs_to_utc_ns``).
+    """
     if rates is None or len(rates) == 0:
         return []
-    rows = rates
-    if closed_before_server is not None:
-        rows = rows[rows["time"] + tf_s <= closed_before_server]
-    if len(rows) == 0:
-        return []
-    utc = to_utc(pd.Series(pd.to_datetime(rows["time"].astype(np.int64), unit="s")), tz_name)
+    utc_ns = server_epochs_to_utc_ns(rates["time"], tz_name, closed_before_utc)
+    keep = np.ones(len(rates), dtype=bool)
+    if closed_before_utc is not None:
+        limit_ns = int(closed_before_utc.timestamp()) * 10**9
+        keep = utc_ns + tf_s * 10**9 <= limit_ns
+    rows = rates[keep]
+    times = utc_ns[keep]
     out: list[Bar] = []
-    for i, moment in enumerate(utc):
+    for i in range(len(rows)):
+        moment = datetime.fromtimestamp(int(times[i]) // 10**9, tz=UTC)
         o, h, lo, c = (float(rows[k][i]) for k in ("open", "high", "low", "close"))
         if min(o, h, lo, c) <= 0 or h < max(o, c) or lo > min(o, c):
             log.warning("bar_rejected", symbol=symbol, time=str(moment), reason="inconsistent")
@@ -365,7 +505,7 @@ def rates_to_bars(
         out.append(
             Bar(
                 symbol,
-                moment.to_pydatetime(),
+                moment,
                 o,
                 h,
                 lo,
@@ -396,6 +536,58 @@ def _plain(value: Any) -> Any:
 
 _BRIDGE_ERRORS = (EOFError, ConnectionError, TimeoutError, OSError)
 
+_Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
+
+
+class _TerminalThread:
+    """The one thread that talks to the terminal: jobs run one at a time, in order.
+
+    A daemon thread rather than a ``ThreadPoolExecutor``: a call that hangs is
+    abandoned (``abandon``) and a new thread takes over, and a hung thread must
+    neither block the event loop on ``close`` nor the interpreter at exit.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                future.set_exception(exc)
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end (without waiting for it)."""
+        self._jobs.put(None)
+
+    def abandon(self, value: Any) -> None:
+        """Give up on a hung thread: queued jobs answer ``value``; it ends when it wakes."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job[1].set_running_or_notify_cancel():
+                job[1].set_result(value)
+        self._jobs.put(None)
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
 
 # -- the broker --------------------------------------------------------------------------
 
@@ -412,6 +604,7 @@ class MT5Broker:
         timeframe_s: int,
         module: Any | None = None,
         on_event: EventSink | None = None,
+        module_factory: Callable[[], Any] | None = None,
     ) -> None:
         if timeframe_s not in TIMEFRAMES:
             raise BrokerSetupError(f"timeframe of {timeframe_s} s has no MT5 TIMEFRAME value")
@@ -422,7 +615,15 @@ class MT5Broker:
         self._tf_s = timeframe_s
         self._timeframe = TIMEFRAMES[timeframe_s]
         self._module = module
-        self._executor: ThreadPoolExecutor | None = None
+        # mt5linux: the RPyC client is rebuilt (on the terminal thread) whenever the
+        # link died; a dead client raises EOFError on every call forever.
+        self._default_factory = module is None and module_factory is None
+        if module_factory is None and module is None and config.kind == "mt5linux":
+            module_factory = lambda: load_terminal_module(config)  # noqa: E731
+        self._module_factory = module_factory
+        self._bridge_dead = False
+        self._thread: _TerminalThread | None = None
+        self.call_timeouts = 0
         self._on_event = on_event
         self.on_connected: AsyncHook | None = None  # reconciliation, set by the daemon
         self.on_halt: Callable[[str | None], None] | None = None
@@ -441,6 +642,16 @@ class MT5Broker:
         self._tracked: dict[int, Position] = {}
         self._coids: dict[int, str] = {}
         self._pending_deals: list[Deal] = []
+        # client id -> position being closed (None: an entry) while _send runs; the
+        # reconciliation leaves these to the send that owns them.
+        self._inflight: dict[str, int | None] = {}
+        self._attempted: set[str] = set()  # in flight and handed to order_send
+        self._netting = False
+        self._netting_refused: set[int] = set()
+        self._tick_seen: dict[str, tuple[int, float]] = {}  # symbol -> (time_msc, monotonic)
+        self._next_terminal_check = -math.inf
+        self._offline = False
+        self._server_algo_seen_off = False
         self.reconnects = 0
 
     @classmethod
@@ -453,6 +664,7 @@ class MT5Broker:
         timeframe_s: int,
         module: Any | None = None,
         on_event: EventSink | None = None,
+        module_factory: Callable[[], Any] | None = None,
     ) -> MT5Broker:
         """Build from ``config.settings.BrokerSettings`` (credentials from the environment)."""
         config = MT5Config(
@@ -469,18 +681,58 @@ class MT5Broker:
             backoff_max_s=getattr(broker, "reconnect_backoff_max_s", 60.0),
         )
         return cls(
-            config, symbols, clock=clock, timeframe_s=timeframe_s, module=module, on_event=on_event
+            config,
+            symbols,
+            clock=clock,
+            timeframe_s=timeframe_s,
+            module=module,
+            on_event=on_event,
+            module_factory=module_factory,
         )
 
     # -- the terminal thread -----------------------------------------------------------
 
+    def _call_timeout(self, function: str) -> float | None:
+        limit = self._cfg.call_timeout_s
+        if limit is None:
+            return None
+        if function == "initialize":
+            return limit + self._cfg.init_timeout_ms / 1000.0
+        return limit
+
+    async def _on_thread(self, fn: Callable[[], Any], what: str, timeout_s: float | None) -> Any:
+        """``fn()`` on the terminal thread; a call that hangs past ``timeout_s`` is abandoned.
+
+        Returns ``(None, (-10005, ...))`` after a timeout: the IPC-timeout path
+        (reconnect; an order is looked up, never resent).
+        """
+        if self._thread is None:
+            self._thread = _TerminalThread("mt5")
+        thread = self._thread
+        future = thread.submit(fn)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            lost = (None, (-10005, f"IPC timeout: {what} did not answer within {timeout_s:g} s"))
+            if self._thread is thread:
+                self._thread = None
+                thread.abandon(lost)
+                self.call_timeouts += 1
+                self._bridge_dead = self._module_factory is not None
+                self._event(
+                    "error",
+                    "broker_call_timeout",
+                    f"MetaTrader 5 {what} hung for {timeout_s:g} s: abandoned, reconnecting",
+                )
+            return lost
+
     async def _raw(self, function: str, *args: Any, **kwargs: Any) -> tuple[Any, tuple[int, str]]:
         """One call on the terminal thread: (plain result, last_error())."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt5")
-        module: Any = self._module
 
         def job() -> tuple[Any, tuple[int, str]]:
+            module: Any = self._module
+            if module is None:  # the bridge is being rebuilt
+                return None, (-10004, "No IPC connection")
             try:
                 value = getattr(module, function)(*args, **kwargs)
                 if value is None or value is False:
@@ -489,9 +741,13 @@ class MT5Broker:
                 return _plain(value), (1, "Success")
             except _BRIDGE_ERRORS as exc:
                 # mt5linux raises where the package returns None: treat as a lost link.
+                self._bridge_dead = self._module_factory is not None
                 return None, (-10004, f"bridge: {type(exc).__name__}: {exc}")
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        result: tuple[Any, tuple[int, str]] = await self._on_thread(
+            job, f"{function}()", self._call_timeout(function)
+        )
+        return result
 
     async def _checked(
         self, function: str, *args: Any, **kwargs: Any
@@ -530,8 +786,10 @@ class MT5Broker:
         """Initialize (retrying per policy), check symbols and the server clock, reconcile."""
         if self._connected:
             return
-        if self._module is None:
+        if self._module is None and self._module_factory is None:
             self._module = load_terminal_module(self._cfg)
+        elif self._module_factory is not None and self._default_factory:
+            _import_bridge()  # a missing package is a set-up error, not worth retrying
         await self._connect_loop(first=True)
         await self._after_connect()
         if not self.tradable_symbols:
@@ -541,12 +799,22 @@ class MT5Broker:
             )
 
     async def close(self) -> None:
-        if self._executor is None:
+        """Shut the terminal link down without blocking the event loop (even if it hangs)."""
+        thread = self._thread
+        if thread is None:
             return
-        if self._module is not None:
-            await self._raw("shutdown")
-        self._executor.shutdown(wait=True)
-        self._executor = None
+        module: Any = self._module
+
+        def job() -> None:
+            try:
+                module.shutdown()
+            except _BRIDGE_ERRORS as exc:
+                log.info("broker_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
+
+        if module is not None:
+            await self._on_thread(job, "shutdown()", min(5.0, self._cfg.call_timeout_s or 5.0))
+        thread.stop()
+        self._thread = None
         self._connected = False
 
     @property
@@ -564,28 +832,69 @@ class MT5Broker:
             kwargs["server"] = self._cfg.server
         return args, kwargs
 
+    async def _build_bridge(self) -> tuple[int, str] | None:
+        """A new mt5linux client, made on the terminal thread (the old one's link is dead)."""
+        factory = self._module_factory
+        if factory is None:
+            return None
+        old = self._module
+
+        def job() -> tuple[Any, tuple[int, str] | None]:
+            if old is not None:
+                _close_bridge(old)
+            try:
+                return factory(), None
+            except _BRIDGE_ERRORS as exc:
+                return None, (
+                    -10004,
+                    f"bridge: mt5linux at {self._cfg.host}:{self._cfg.port} is not reachable "
+                    f"({type(exc).__name__}: {exc})",
+                )
+
+        client, error = await self._on_thread(job, "the mt5linux connect", self._call_timeout(""))
+        if error is not None or client is None:
+            self._module = None
+            return error or (-10005, "IPC timeout: the mt5linux connect did not answer")
+        self._module = client
+        self._bridge_dead = False
+        return None
+
+    async def _try_connect(self, restart: bool) -> tuple[int, str] | None:
+        """One attempt: (re)build the bridge or shutdown, initialize, check the link."""
+        if self._module_factory is not None and (self._module is None or self._bridge_dead):
+            error = await self._build_bridge()
+            if error is not None:
+                return error
+        elif restart:
+            await self._raw("shutdown")
+        args, kwargs = self._init_kwargs()
+        ok, error = await self._raw("initialize", *args, **kwargs)
+        if not ok:
+            return error
+        info, error = await self._raw("terminal_info")
+        if info is None:
+            return error
+        if not info.get("connected"):
+            return (rc.CONNECTION, "terminal is not connected to the trade server")
+        return None
+
     async def _connect_loop(self, *, first: bool) -> None:
         delay = self._cfg.backoff_initial_s
         attempt = 0
         last_error: tuple[int, str] | None = None
         while True:
-            if not first or attempt:
-                await self._raw("shutdown")
-            args, kwargs = self._init_kwargs()
-            ok, error = await self._raw("initialize", *args, **kwargs)
-            if ok:
-                info, error = await self._raw("terminal_info")
-                if info is not None:
-                    if info.get("connected"):
-                        break
-                    error = (rc.CONNECTION, "terminal is not connected to the trade server")
+            error = await self._try_connect(restart=not first or attempt > 0)
+            if error is None:
+                break
             attempt += 1
-            hint = INIT_HINTS.get(error[0], "")
-            message = (
-                f"MetaTrader 5 initialize failed: ({error[0]}, {error[1]!r})"
-                + (f": {hint}" if hint else "")
-                + f"; retry {attempt} in {delay:g} s"
-            )
+            if error[1].startswith("bridge:"):
+                message = f"MetaTrader 5 {error[1][8:]}: {BRIDGE_HINT}"
+            else:
+                hint = INIT_HINTS.get(error[0], "")
+                message = f"MetaTrader 5 initialize failed: ({error[0]}, {error[1]!r})" + (
+                    f": {hint}" if hint else ""
+                )
+            message += f"; retry {attempt} in {delay:g} s"
             if error != last_error:
                 self._event("error", "broker_connect_failed", message, {"code": error[0]})
                 last_error = error
@@ -618,25 +927,66 @@ class MT5Broker:
         await self._after_connect()
 
     async def _wait_online(self, reason: str) -> None:
-        """Terminal up but offline (10031): poll terminal_info with backoff, then reconcile."""
+        """Terminal up but offline (10031, connected False): pause, poll with backoff, reconcile."""
+        if self._offline:
+            return  # another caller is already waiting for the terminal
+        self._offline = True
         self.paused = f"terminal offline: {reason}"
         self._event("warning", "broker_offline", f"MetaTrader 5 terminal offline: {reason}")
         delay = self._cfg.backoff_initial_s
-        while True:
-            info = await self._read("terminal_info")
-            if info.get("connected"):
-                break
-            await self._clock.sleep(delay)
-            delay = min(self._cfg.backoff_max_s, delay * 2)
+        started = self._clock.monotonic()
+        try:
+            while True:
+                info = await self._read("terminal_info")
+                if info.get("connected"):
+                    break
+                await self._clock.sleep(delay)
+                delay = min(self._cfg.backoff_max_s, delay * 2)
+        finally:
+            self._offline = False
         self.paused = None
+        self._event(
+            "info",
+            "broker_online",
+            f"MetaTrader 5 terminal connected again after "
+            f"{self._clock.monotonic() - started:g} s; reconciling",
+        )
         await self._after_connect()
+
+    async def _watch_terminal(self) -> None:
+        """Every ``terminal_check_s``: terminal_info() (offline -> pause), Algo Trading, 10026."""
+        now = self._clock.monotonic()
+        if now < self._next_terminal_check or self._offline:
+            return
+        self._next_terminal_check = now + self._cfg.terminal_check_s
+        info = await self._read("terminal_info")
+        self._apply_algo(info)
+        if "server_algo" in self.halts:
+            await self._check_server_algo()
+        if not info.get("connected", True):
+            await self._wait_online("terminal_info().connected is False")
 
     async def _after_connect(self) -> None:
         await self._check_symbols()
+        await self._check_account()
         await self.check_server_clock()
-        await self._check_algo_trading()
+        self._apply_algo(await self._read("terminal_info"))
         if self.on_connected is not None:
             await self.on_connected()
+
+    async def _check_account(self) -> None:
+        info = await self._read("account_info")
+        netting = int(info.get("margin_mode", ACCOUNT_MARGIN_MODE_HEDGING)) != (
+            ACCOUNT_MARGIN_MODE_HEDGING
+        )
+        if netting and not self._netting:
+            self._event(
+                "info",
+                "broker_netting_account",
+                "netting account: one position per symbol; an entry on a symbol that already "
+                "has a position is not sent (it would merge into that position)",
+            )
+        self._netting = netting
 
     async def _check_symbols(self) -> None:
         for symbol in self._symbols:
@@ -658,41 +1008,72 @@ class MT5Broker:
             if mode != TRADE_MODE_FULL:
                 why = (
                     f"trade_mode is {TRADE_MODE_NAMES.get(mode, mode)}: the broker does not allow "
-                    "opening positions both ways; no entries on it"
+                    "opening positions both ways; no entries on it (its bars are not traded "
+                    "while no position of ours is open there)"
                 )
                 if self.restricted.get(symbol) != why:
                     self._event("error", "symbol_restricted", f"{symbol}: {why}")
                 self.restricted[symbol] = why
-            else:
-                self.restricted.pop(symbol, None)
+            elif self.restricted.pop(symbol, None) is not None:
+                self._event("info", "symbol_tradable", f"{symbol}: trade_mode is FULL again")
 
     async def check_server_clock(self) -> str | None:
-        """Refuse to trade when ``server_timezone`` and the latest tick differ by >= 1 h."""
+        """Judge ``server_timezone`` against the latest ticks (start-up and reconnects).
+
+        Between connects ``closed_bars`` keeps judging each new tick, so a halt
+        lifts as soon as fresh ticks agree (see ``_observe_tick``).
+        """
         for symbol in self.tradable_symbols:
             tick = await self._read("symbol_info_tick", symbol)
-            tick_utc = server_epoch_to_utc(int(tick["time"]), self._cfg.server_timezone)
-            now = self._clock.now()
-            diff_s = (tick_utc - now).total_seconds()
-            if abs(diff_s) >= 3600:
-                configured = server_offset(now, self._cfg.server_timezone).total_seconds() / 3600
-                seen = configured + round(diff_s / 3600)
-                reason = (
-                    f"broker.server_timezone = {self._cfg.server_timezone!r} (UTC{configured:+g} "
-                    f"now) does not match the server: the latest {symbol} tick converts to "
-                    f"{tick_utc:%Y-%m-%d %H:%M} UTC, {diff_s / 3600:+.1f} h from now; the server "
-                    f"looks like UTC{seen:+g}: fix broker.server_timezone (e.g. 'NY+7' or an "
-                    "IANA zone). No trading until they agree"
-                )
-                self._set_halt("clock", reason)
-                return reason
-            self._set_halt("clock", None)
-            return None
-        return None
+            self._observe_tick(symbol, tick)
+        return self.halts.get("clock")
 
-    async def _check_algo_trading(self) -> None:
-        info = await self._read("terminal_info")
+    def _observe_tick(self, symbol: str, tick: Mapping[str, Any]) -> None:
+        """Refuse to trade while a fresh tick and ``server_timezone`` differ by an hour or more.
+
+        Only a fresh tick says anything about the offset (the last tick of a
+        weekend is days old): a tick that changed since our previous look, made
+        at most ``fresh_tick_max_age_s`` ago; or, at the first look, one at most
+        3 hours off (the usual misconfiguration: 'UTC' for a UTC+2/+3 server).
+        And it must be within that age of a whole number of hours from now: a
+        zone error is whole hours. Stale or odd ticks change nothing.
+        """
+        seconds = int(tick["time"])
+        time_msc = int(tick.get("time_msc") or seconds * 1000)
+        mono = self._clock.monotonic()
+        previous = self._tick_seen.get(symbol)
+        self._tick_seen[symbol] = (time_msc, mono)
+        now = self._clock.now()
+        tick_utc = server_epoch_to_utc(seconds, self._cfg.server_timezone, now)
+        diff_s = (tick_utc - now).total_seconds()
+        hours = round(diff_s / 3600)
+        max_age = self._cfg.fresh_tick_max_age_s
+        if previous is not None:
+            if previous[0] == time_msc:
+                return  # nothing new
+            fresh = mono - previous[1] <= max_age
+        else:
+            fresh = abs(hours) <= 3
+        # A zone error is whole hours; a tick minutes off a whole hour is no evidence.
+        if not fresh or abs(diff_s - hours * 3600) > max_age:
+            return
+        if hours == 0:
+            self._set_halt("clock", None, f"the latest {symbol} tick agrees with the clock")
+            return
+        configured = server_offset(now, self._cfg.server_timezone).total_seconds() / 3600
+        seen = configured + hours
+        reason = (
+            f"broker.server_timezone = {self._cfg.server_timezone!r} (UTC{configured:+g} "
+            f"now) does not match the server: fresh {symbol} ticks convert to "
+            f"{hours:+d} h from now; the server looks like UTC{seen:+g}: fix "
+            "broker.server_timezone (e.g. 'NY+7' or an IANA zone). No trading until they agree"
+        )
+        self._set_halt("clock", reason)
+
+    def _apply_algo(self, info: Mapping[str, Any]) -> None:
+        """The terminal's Algo Trading button (10027 and terminal_info().trade_allowed)."""
         if info.get("trade_allowed", True):
-            self._set_halt("algo", None)
+            self._set_halt("algo", None, "terminal_info().trade_allowed is True")
         elif "algo" not in self.halts:
             self._set_halt(
                 "algo",
@@ -700,11 +1081,23 @@ class MT5Broker:
                 "press the Algo Trading button",
             )
 
-    def _set_halt(self, key: str, reason: str | None) -> None:
+    async def _check_server_algo(self) -> None:
+        """10026 lifts only on evidence: account_info().trade_expert back on after being off."""
+        info = await self._read("account_info")
+        if not info.get("trade_expert", True):
+            self._server_algo_seen_off = True
+        elif self._server_algo_seen_off:
+            self._set_halt(
+                "server_algo", None, "the server allows autotrading again (account trade_expert)"
+            )
+
+    def _set_halt(self, key: str, reason: str | None, cleared: str = "condition cleared") -> None:
         before = self.halt_reason
         if reason is None:
             if self.halts.pop(key, None) is not None:
-                self._event("info", "trading_resumed", f"{key}: condition cleared")
+                if key == "server_algo":
+                    self._server_algo_seen_off = False
+                self._event("info", "trading_resumed", f"{key}: {cleared}", {"cause": key})
         elif self.halts.get(key) != reason:
             self.halts[key] = reason
             self._event("critical", "trading_halted", reason, {"cause": key})
@@ -732,7 +1125,14 @@ class MT5Broker:
     # -- conversions ---------------------------------------------------------------------
 
     def _utc(self, server_seconds: int) -> datetime:
-        return server_epoch_to_utc(int(server_seconds), self._cfg.server_timezone)
+        """Server wall time -> UTC; the repeated fall-back hour read as at or before now."""
+        return server_epoch_to_utc(
+            int(server_seconds), self._cfg.server_timezone, self._clock.now()
+        )
+
+    def utc_now(self) -> datetime:
+        """Now on the injected clock (the reference for the repeated fall-back hour)."""
+        return self._clock.now()
 
     def _server(self, moment: datetime) -> int:
         return utc_to_server_epoch(moment, self._cfg.server_timezone)
@@ -888,8 +1288,7 @@ class MT5Broker:
 
     async def drain_closed_deals(self) -> list[Deal]:
         """Positions that closed by themselves (SL/TP, manual, stop-out) since the last call."""
-        if "algo" in self.halts:
-            await self._check_algo_trading()
+        await self._watch_terminal()
         current = {int(p["ticket"]): p for p in await self._raw_positions()}
         out, self._pending_deals = self._pending_deals, []
         for pid in sorted(set(self._tracked) - set(current)):
@@ -921,18 +1320,27 @@ class MT5Broker:
     # -- bars --------------------------------------------------------------------------
 
     async def closed_bars(self, symbol: str, count: int) -> list[Bar]:
-        """The latest ``count`` closed bars (UTC, oldest first): ``ClosedBarSource``."""
+        """The latest ``count`` closed bars (UTC, oldest first): ``ClosedBarSource``.
+
+        Each poll also watches the terminal (throttled) and judges the server
+        clock against the new tick. A close-only (restricted) symbol gives no
+        bars while we hold no position on it: no signal, so no entry is tried.
+        """
         if symbol in self.unavailable:
+            return []
+        await self._watch_terminal()
+        if symbol in self.restricted and all(p.symbol != symbol for p in self._tracked.values()):
             return []
         await self._select(symbol)
         rates = await self._read("copy_rates_from_pos", symbol, self._timeframe, 0, count + 1)
         tick = await self._read("symbol_info_tick", symbol)
-        newest = int(tick["time"])
+        self._observe_tick(symbol, tick)
+        tick_utc = self._utc(int(tick["time"]))
         bars = rates_to_bars(
             symbol,
             rates,
             self._cfg.server_timezone,
-            closed_before_server=newest,
+            closed_before_utc=tick_utc,
             tf_s=self._tf_s,
         )
         return bars[-count:]
@@ -953,7 +1361,9 @@ class MT5Broker:
 
     async def server_now(self, symbol: str) -> int:
         await self._select(symbol)
-        return int((await self._read("symbol_info_tick", symbol))["time"])
+        tick = await self._read("symbol_info_tick", symbol)
+        self._observe_tick(symbol, tick)
+        return int(tick["time"])
 
     @property
     def timeframe_s(self) -> int:
@@ -982,9 +1392,23 @@ class MT5Broker:
         block = self.entry_block(request.symbol)
         if block is not None:
             code = rc.MARKET_CLOSED if "market closed" in block else rc.TRADE_DISABLED
-            if "Algo Trading" in block:
+            if "server_algo" in self.halts:
+                code = rc.SERVER_DISABLES_AT
+            if "algo" in self.halts:
                 code = rc.CLIENT_DISABLES_AT
             return self._reject(request, code, f"not sent: {block}")
+        if self._netting:
+            held = await self._read("positions_get", symbol=request.symbol)
+            if held:
+                ticket = int(held[0]["ticket"])
+                why = (
+                    f"{request.symbol}: netting account and position {ticket} is open on it; "
+                    "a new deal would merge into it, so the entry is not sent"
+                )
+                if ticket not in self._netting_refused:
+                    self._netting_refused.add(ticket)
+                    self._event("warning", "entry_refused_netting", why, {"position_id": ticket})
+                return self._reject(request, rc.LIMIT_POSITIONS, f"not sent: {why}")
         return await self._send(request, position=None)
 
     async def close_position(
@@ -1017,6 +1441,7 @@ class MT5Broker:
     ) -> dict[str, Any]:
         digits = int(info["digits"])
         point = float(info["point"])
+        tick_size = float(info.get("trade_tick_size") or 0.0)
         volume = normalise_volume(
             request.volume,
             float(info["volume_step"]),
@@ -1030,7 +1455,7 @@ class MT5Broker:
             "symbol": request.symbol,
             "volume": volume,
             "type": ORDER_TYPE_BUY if request.side is Side.BUY else ORDER_TYPE_SELL,
-            "price": round_price(price, digits),
+            "price": round_price(price, digits, tick_size=tick_size),
             "deviation": int(self._cfg.deviation_points),
             "magic": int(self._cfg.magic),
             "comment": request.client_order_id,
@@ -1042,15 +1467,49 @@ class MT5Broker:
             out["volume"] = min(volume, float(position["volume"]))
         else:
             distance = (int(info["trade_stops_level"]) + extra_distance_points) * point
-            sl, tp = adjust_stops(request.side, bid, ask, request.sl, request.tp, distance, digits)
+            sl, tp = adjust_stops(
+                request.side, bid, ask, request.sl, request.tp, distance, digits, tick_size
+            )
             out["sl"], out["tp"] = sl, tp
         return out
 
+    @property
+    def entries_in_flight(self) -> frozenset[str]:
+        """Client ids of entries being sent now (reconciliation leaves their positions alone)."""
+        return frozenset(c for c, pid in self._inflight.items() if pid is None)
+
+    @property
+    def closes_in_flight(self) -> frozenset[int]:
+        """Positions a close is being sent for now."""
+        return frozenset(pid for pid in self._inflight.values() if pid is not None)
+
     async def _send(self, request: OrderRequest, *, position: dict[str, Any] | None) -> OrderResult:
-        """Build, send and apply the retcode policy; never sends one client id twice."""
+        """Build, send and apply the retcode policy; never sends one client id twice.
+
+        While it runs the id is "in flight" (a reconnect's reconciliation must
+        not adopt or close what this send will report). Whatever is raised after
+        ``order_send`` was called leaves the id ambiguous: looked up, never resent.
+        """
         coid = request.client_order_id
         if coid in self._done:
             return self._done[coid]
+        if coid in self._inflight:
+            return self._reject(request, rc.ERROR, "already being sent; not sent twice")
+        self._inflight[coid] = request.position_id
+        try:
+            return await self._send_owned(request, position)
+        except BaseException:
+            if coid in self._attempted and coid not in self._done:
+                self._ambiguous.add(coid)
+            raise
+        finally:
+            self._inflight.pop(coid, None)
+            self._attempted.discard(coid)
+
+    async def _send_owned(
+        self, request: OrderRequest, position: dict[str, Any] | None
+    ) -> OrderResult:
+        coid = request.client_order_id
         if coid in self._ambiguous:
             found = await self._lookup(request, position)
             if found is not None:
@@ -1060,6 +1519,7 @@ class MT5Broker:
         await self._select(symbol)
         price_tries = busy_tries = 0
         corrected: set[int] = set()
+        correcting: tuple[int, dict[str, Any]] | None = None
         fill_index = 0
         extra_points = 0
         while True:
@@ -1073,7 +1533,21 @@ class MT5Broker:
                 )  # fmt: skip
             except StopsError as exc:
                 return self._reject(request, rc.INVALID_STOPS, f"not sent: {exc}")
+            if correcting is not None:
+                code, before = correcting
+                correcting = None
+                if all(payload.get(k) == before.get(k) for k in CORRECTED_FIELDS[code]):
+                    # Re-read and re-rounded, the request would be the same: give up.
+                    self._event(
+                        "warning",
+                        "order_not_corrected",
+                        f"{symbol} {coid}: {rc.name(code)} and nothing to correct "
+                        f"({', '.join(f'{k}={payload.get(k)}' for k in CORRECTED_FIELDS[code])}"
+                        "); not resent",
+                    )
+                    return self._reject(request, code, f"{rc.name(code)}: not resent unchanged")
             generation = self._generation
+            self._attempted.add(coid)
             value, (code, message) = await self._raw("order_send", payload)
             if value is None:
                 if code in IPC_CODES:
@@ -1111,6 +1585,7 @@ class MT5Broker:
                 continue
             if policy is Policy.CORRECT_ONCE and retcode not in corrected:
                 corrected.add(retcode)
+                correcting = (retcode, payload)
                 if retcode == rc.INVALID_FILL:
                     fill_index += 1
                 elif retcode == rc.INVALID_STOPS:
@@ -1147,12 +1622,20 @@ class MT5Broker:
             self._event(
                 "warning", "market_closed", f"{what}: market closed; waiting for the session"
             )
+        elif policy is Policy.HALT_ALERT and result.retcode == rc.SERVER_DISABLES_AT:
+            # Sticky: the terminal's own flag says nothing about the server's.
+            self._set_halt(
+                "server_algo",
+                f"autotrading is disabled by the server ({name}): ask the broker to enable "
+                "algorithmic trading for the account; lifted when an order goes through or "
+                "account_info().trade_expert comes back on",
+            )
+            await self._check_server_algo()
         elif policy is Policy.HALT_ALERT:
-            where = "server" if result.retcode == rc.SERVER_DISABLES_AT else "terminal"
             self._set_halt(
                 "algo",
-                f"autotrading is disabled by the {where} ({name}): press Algo Trading in the "
-                "terminal or ask the broker",
+                f"autotrading is disabled by the terminal ({name}): press Algo Trading in the "
+                "terminal",
             )
         elif policy is Policy.RECONNECT:
             await self._wait_online(f"{name} on {what}")
@@ -1161,6 +1644,9 @@ class MT5Broker:
             self._event("warning", "order_ambiguous", f"{what}: {name}; looking it up by id")
         elif policy is Policy.RECONCILE:
             self._event("warning", "position_already_closed", f"{what}: {name}; reconciling")
+            # Nothing of this send is pending any more: the reconciliation closes the
+            # trade from the deal history (who closed it, at what price).
+            self._inflight.pop(request.client_order_id, None)
             if self.on_connected is not None:
                 await self.on_connected()
 
@@ -1169,7 +1655,14 @@ class MT5Broker:
     ) -> OrderResult:
         retcode = int(value["retcode"])
         order = int(value["order"])
-        deals = await self._read("history_deals_get", ticket=order) if order else []
+        if "server_algo" in self.halts:
+            self._set_halt("server_algo", None, f"order {order} went through")
+        try:
+            deals = await self._read("history_deals_get", ticket=order) if order else []
+        except BrokerError as exc:
+            # Filled for sure: remember it from the result itself rather than lose it.
+            log.warning("fill_deal_unread", order=order, error=str(exc))
+            deals = []
         deal = next((d for d in deals if int(d["ticket"]) == int(value["deal"])), None)
         if deal is None and deals:
             deal = deals[-1]
@@ -1258,6 +1751,7 @@ class MT5Broker:
         for d in deals:
             if (
                 int(d["magic"]) == self._cfg.magic
+                and str(d["symbol"]) == request.symbol
                 and int(d["entry"]) in wanted
                 and same_client_id(str(d["comment"]), coid)
             ):
@@ -1315,6 +1809,7 @@ class MT5Broker:
                 new_sl, new_tp = adjust_stops(
                     position.side, float(tick["bid"]), float(tick["ask"]), sl, tp,
                     level * float(info["point"]), int(info["digits"]),
+                    float(info.get("trade_tick_size") or 0.0),
                 )  # fmt: skip
             except StopsError as exc:
                 return self._reject(request, rc.INVALID_STOPS, f"not sent: {exc}")
@@ -1360,6 +1855,8 @@ class ReconcileReport:
     closed: list[str]  # closed in the journal from the broker's deal history
     adopted: list[str]  # open at the broker with our magic, unknown to the journal
     missing: list[str]  # open in the journal, unknown to the broker and its history
+    # left to an order being sent right now (its own result journals it)
+    in_flight: list[str] = field(default_factory=list)
 
 
 async def reconcile_with_journal(broker: MT5Broker, journal: Journal) -> ReconcileReport:
@@ -1370,11 +1867,16 @@ async def reconcile_with_journal(broker: MT5Broker, journal: Journal) -> Reconci
       ``history_deals_get`` (price, profit, commission, swap, reason);
     - a position with our magic that the journal lacks (a fill whose journal
       write was lost in a crash) is adopted as an open trade;
-    - a trade the terminal has never heard of is reported, not guessed.
+    - a trade the terminal has never heard of is reported, not guessed;
+    - an order still being sent (a reconnect in the middle of its send or its
+      look-up) is left to that send: its position is not adopted, its close not
+      journaled from history (the send reports it, with the right reason).
     """
     report = ReconcileReport([], [], [], [])
     open_trades = await journal.run(fetch_open_trades)
     live = {p.position_id: p for p in await broker.positions()}
+    entries = broker.entries_in_flight
+    closing = broker.closes_in_flight
     matched: set[int] = set()
     for trade in open_trades:
         pid = trade.broker_position_id
@@ -1392,6 +1894,9 @@ async def reconcile_with_journal(broker: MT5Broker, journal: Journal) -> Reconci
             matched.add(pos.position_id)
             broker.track(_with_client_id(pos, trade.client_order_id))
             report.kept.append(trade.client_order_id)
+            continue
+        if pid is not None and int(pid) in closing:
+            report.in_flight.append(trade.client_order_id)
             continue
         deal = await broker.closed_position_deal(int(pid)) if pid is not None else None
         if deal is None:
@@ -1420,6 +1925,9 @@ async def reconcile_with_journal(broker: MT5Broker, journal: Journal) -> Reconci
         report.closed.append(trade.client_order_id)
     for pid, pos in sorted(live.items()):
         if pid in matched:
+            continue
+        if any(same_client_id(pos.client_order_id, coid) for coid in entries):
+            report.in_flight.append(pos.client_order_id)
             continue
         coid = pos.client_order_id if pos.client_order_id.isalnum() else f"MT5{pid}"[:16]
         opening = await broker.position_open_deal(pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncGenerator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -19,10 +20,10 @@ import numpy as np
 import pandas as pd
 import structlog
 
+from execution.mt5_client import server_epoch_to_utc, server_epochs_to_utc_ns
 from market_data.bars import BAR_COLUMNS, Bar, iter_bars
 from market_data.cleaning import clean_bars
 from market_data.feeds import ClosedBarSource, PollingFeed
-from market_data.timezones import to_utc
 from utils.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ class HistorySource(Protocol):
     async def maxbars(self) -> int: ...
 
     async def server_now(self, symbol: str) -> int: ...
+
+    def utc_now(self) -> datetime: ...
 
 
 def _cache_file(cache_dir: Path, symbol: str, timeframe_s: int) -> Path:
@@ -73,10 +76,16 @@ def save_cache(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
-def rates_frame(rates: np.ndarray, server_timezone: str) -> pd.DataFrame:
-    """MT5 rates (server wall-clock epoch seconds) as a raw frame with UTC times."""
-    naive = pd.Series(pd.to_datetime(rates["time"].astype(np.int64), unit="s"))
-    frame = pd.DataFrame({"time": to_utc(naive, server_timezone)})
+def rates_frame(
+    rates: np.ndarray, server_timezone: str, not_after: datetime | None = None
+) -> pd.DataFrame:
+    """MT5 rates (server wall-clock epoch seconds) as a raw frame with UTC times.
+
+    ``not_after`` (the latest tick in UTC) places the repeated fall-back hour:
+    see ``server_epochs_to_utc_ns``.
+    """
+    utc_ns = server_epochs_to_utc_ns(rates["time"], server_timezone, not_after)
+    frame = pd.DataFrame({"time": pd.to_datetime(utc_ns, unit="ns", utc=True)})
     for name in BAR_COLUMNS[1:]:
         frame[name] = rates[name]
     return frame
@@ -93,6 +102,7 @@ async def fetch_history(
     """The latest ``bars`` closed bars of ``symbol`` (canonical, cleaned, UTC)."""
     tf_s = source.timeframe_s
     now = await source.server_now(symbol)
+    now_utc = server_epoch_to_utc(now, source.server_timezone, source.utc_now())
     per_call = max(1, min(chunk, await source.maxbars() - 1))
     path = _cache_file(cache_dir, symbol, tf_s) if cache_dir is not None else None
     cached = load_cache(path) if path is not None else None
@@ -111,16 +121,18 @@ async def fetch_history(
         remaining -= len(rates)
         oldest = int(rates["time"][0])
         if cached_last is not None:
-            oldest_utc = rates_frame(rates[:1], source.server_timezone)["time"].iloc[0]
+            oldest_utc = rates_frame(rates[:1], source.server_timezone, now_utc)["time"].iloc[0]
             if oldest_utc <= cached_last:
                 break
         if len(rates) < ask:
             break  # the terminal has no more history
         date_from = oldest - 1
     raw = np.concatenate(pieces) if pieces else None
-    if raw is not None:
-        raw = raw[raw["time"] + tf_s <= now]  # drop the forming bar
-    fresh = rates_frame(raw, source.server_timezone) if raw is not None and len(raw) else None
+    fresh = None
+    if raw is not None and len(raw):
+        fresh = rates_frame(raw, source.server_timezone, now_utc)
+        # Drop the forming bar (compared in UTC: the wall clock repeats an hour in autumn).
+        fresh = fresh[fresh["time"] + pd.Timedelta(seconds=tf_s) <= pd.Timestamp(now_utc)]
     frames = [f for f in (fresh, cached) if f is not None and len(f)]
     if not frames:
         return pd.DataFrame({c: [] for c in BAR_COLUMNS})

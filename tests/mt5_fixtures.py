@@ -41,14 +41,43 @@ def make_broker(
     *,
     symbols: tuple[str, ...] = ("EURUSD",),
     events: Events | None = None,
+    module: Any = None,
+    module_factory: Any = None,
     **config: Any,
 ) -> MT5Broker:
     _core.terminal.reset(fake or {})
     cfg = MT5Config(magic=MAGIC, **config)
-    return MT5Broker(cfg, symbols, clock=clock, timeframe_s=60, module=mt5, on_event=events)
+    return MT5Broker(
+        cfg,
+        symbols,
+        clock=clock,
+        timeframe_s=60,
+        module=module if module is not None or module_factory is not None else mt5,
+        on_event=events,
+        module_factory=module_factory,
+    )
 
 
-__all__ = ["MAGIC", "Events", "_core", "assert_journal_matches_fake", "make_broker", "mt5"]
+class Wrapped:
+    """The fake module with some of its functions replaced: a test's lever on one call."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.overrides = overrides
+
+    def __getattr__(self, name: str) -> Any:
+        override = self.overrides.get(name)
+        return override if override is not None else getattr(mt5, name)
+
+
+__all__ = [
+    "MAGIC",
+    "Events",
+    "Wrapped",
+    "_core",
+    "assert_journal_matches_fake",
+    "make_broker",
+    "mt5",
+]
 
 
 def assert_journal_matches_fake(journal: Path, deals: list[dict[str, Any]], magic: int) -> int:

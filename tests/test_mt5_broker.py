@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -165,7 +166,9 @@ def test_filling_mode_sent_matches_the_symbol(mask: int, exemode: int, expected:
     run(go())
 
 
-def _expected_sends(policy: Policy) -> int:
+def _expected_sends(retcode: int, policy: Policy) -> int:
+    if retcode in (rc.INVALID_VOLUME, rc.INVALID_STOPS):
+        return 1  # re-read and re-rounded, the request is the same: not resent unchanged
     return {
         Policy.RETRY_FRESH_PRICE: 2,
         Policy.CORRECT_ONCE: 2,
@@ -192,10 +195,13 @@ def test_each_retcode_row_of_the_policy_table(retcode: int) -> None:
 
         broker.on_connected = hook
         _core.terminal.faults["send_retcodes"] = [retcode]
+        ticks_before = _core.terminal.calls.get("symbol_info_tick", 0)
         result = await broker.market_order(buy())
-        assert sends() == _expected_sends(policy), policy
-        if policy in (Policy.RETRY_FRESH_PRICE, Policy.CORRECT_ONCE, Policy.WAIT_RETRY):
+        assert sends() == _expected_sends(retcode, policy), policy
+        if sends() == 2:
             assert result.retcode == rc.DONE  # corrected or retried, then filled
+            # Each send was built from a tick read just before it.
+            assert _core.terminal.calls["symbol_info_tick"] - ticks_before == 2
         else:
             assert result.retcode == retcode and not result.ok
             assert in_deals() == []  # nothing was filled, and nothing was resent
@@ -204,7 +210,7 @@ def test_each_retcode_row_of_the_policy_table(retcode: int) -> None:
         if policy is Policy.HALT_ALERT:
             assert halts and halts[-1] and "autotrading" in halts[-1]
             blocked = await broker.market_order(buy("ZZZZZZZZZZZZZZZ1"))
-            assert blocked.retcode == rc.CLIENT_DISABLES_AT and sends() == 1
+            assert blocked.retcode == retcode and sends() == 1
         if policy is Policy.WAIT_SESSION:
             blocked = await broker.market_order(buy("ZZZZZZZZZZZZZZZ1"))
             assert blocked.retcode == rc.MARKET_CLOSED and sends() == 1
@@ -383,6 +389,7 @@ def test_a_wrong_server_timezone_halts_trading_with_the_fix() -> None:
         await broker.connect()
         reason = broker.halt_reason
         assert reason and "broker.server_timezone = 'UTC'" in reason and "UTC+2" in reason
+        assert halts == [reason]  # the daemon was told (it stops entries on this)
         assert not (await broker.market_order(buy())).ok and sends() == 0
 
     run(go())
@@ -408,5 +415,8 @@ def test_no_two_terminal_calls_ever_overlap() -> None:
         broker = await connected(make_broker(clock()))
         await asyncio.gather(*(broker.account() for _ in range(50)), broker.positions())
         assert _core.terminal.concurrent_calls == 0
+        # One thread made every call, and not the event loop's.
+        assert len(_core.terminal.threads) == 1
+        assert threading.get_ident() not in _core.terminal.threads
 
     run(go())

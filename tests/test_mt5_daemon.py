@@ -88,7 +88,15 @@ def test_daemon_trades_live_on_the_fake_terminal(tmp_path: Path, faults: dict[st
     dump = json.loads((tmp_path / "fake.json").read_text(encoding="utf-8"))
     compared = assert_journal_matches_fake(tmp_path / "journal.sqlite3", dump["deals"], MAGIC)
     assert compared >= 5
-    assert dump["concurrent_calls"] == 0
+    assert dump["concurrent_calls"] == 0 and dump["threads"] == 1
+    conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+    try:
+        (started,) = conn.execute("SELECT message FROM events WHERE kind = 'daemon_started'")
+        adopted = conn.execute("SELECT count(*) FROM trades WHERE model_set = 'adopted'")
+        assert adopted.fetchone() == (0,)  # a reconnect mid-send adopts nothing
+    finally:
+        conn.close()
+    assert started[0].startswith("mt5 daemon started on EURUSD")
     if faults:
         assert dump["init_calls"] > 1  # it lost the link and came back
 

@@ -790,6 +790,7 @@ class FakeTerminal:
         self.calls: dict[str, int] = {}
         self.sent_requests: list[dict[str, Any]] = []
         self.concurrent_calls = 0
+        self.threads: set[int] = set()  # every thread that ever called into the package
         self.init_calls = 0
         self.dump_path = cfg.get("dump_path") or os.environ.get("MT5FAKE_DUMP") or None
 
@@ -801,6 +802,14 @@ class FakeTerminal:
         offset = datetime.fromtimestamp(utc, UTC).astimezone(self._zone).utcoffset()
         return int(offset.total_seconds()) if offset else 0
 
+    def offsets_s(self, utc: np.ndarray) -> np.ndarray:
+        """The server's offset at each UTC time (zones change offset on whole hours)."""
+        if self._zone is None:
+            return np.zeros(len(utc), dtype=np.int64)
+        hours, inverse = np.unique(np.asarray(utc, dtype=np.int64) // 3600, return_inverse=True)
+        per_hour = np.array([self.offset_s(float(h) * 3600) for h in hours], dtype=np.int64)
+        return per_hour[inverse]
+
     def server_now(self) -> int:
         return int(self.utc_now) + self.offset_s(self.utc_now)
 
@@ -811,6 +820,15 @@ class FakeTerminal:
         """Server wall epoch -> UTC epoch (the offset at that wall time, first occurrence)."""
         guess = server - self.offset_s(server)
         return server - self.offset_s(guess)
+
+    def from_server_latest(self, server: int) -> int:
+        """Server wall epoch -> UTC: in the repeated autumn hour, the latest one not after now."""
+        offsets = {self.offset_s(server + d) for d in (-86400, 0, 86400)}
+        valid = sorted(server - o for o in offsets if self.to_server(server - o) == server)
+        if not valid:
+            return int(self.from_server(server))  # a wall time skipped in spring
+        past = [u for u in valid if u <= self.utc_now]
+        return past[-1] if past else valid[0]
 
     def advance(self, seconds: float) -> None:
         """Move the market on: minutes that complete settle SL/TP hits."""
@@ -837,30 +855,51 @@ class FakeTerminal:
         ask = round(bid + spec["spread"] * spec["point"], spec["digits"])
         return bid, ask
 
-    def rates(self, symbol: str, tf_s: int, first_open: int, last_open: int) -> np.ndarray:
-        """Bars (server times) with open time in [first_open, last_open]; forming bar last."""
+    def rates(
+        self,
+        symbol: str,
+        tf_s: int,
+        first_open: int,
+        last_open: int,
+        from_utc: float | None = None,
+        until_utc: float | None = None,
+    ) -> np.ndarray:
+        """Bars (server times) with open time in [first_open, last_open]; forming bar last.
+
+        ``from_utc``: aggregate from this UTC time on (copy by position), instead
+        of from the first wall-clock bucket (copy by date).
+        """
         series = self._series(symbol)
         spec = self.symbols[symbol]
         now_minute = self._minute(self.utc_now)
         offset = self.offset_s(self.utc_now)
-        # Minutes to aggregate: from the first bucket's start to the forming minute.
-        lo_utc = max(self.history_start, first_open - offset - 60)
+        # Minutes to aggregate: from the first bucket's start (an hour earlier, in case
+        # the offset was larger then) to the forming minute.
+        lo_utc = max(
+            self.history_start,
+            first_open - offset - 3600 - 60 if from_utc is None else int(from_utc),
+        )
         lo = max(0, self._minute(lo_utc))
         hi = now_minute  # inclusive (forming minute)
+        if until_utc is not None:
+            hi = min(hi, self._minute(until_utc))
         if hi < lo:
             return np.zeros(0, dtype=RATES_DTYPE)
         idx = np.arange(lo, hi + 1)
         utc_times = self.history_start + idx * 60
-        server_times = utc_times + offset
+        # Each bar carries the server's wall clock of its own time: in the autumn the
+        # repeated hour comes twice (the times go back), in spring an hour is skipped.
+        server_times = utc_times + self.offsets_s(utc_times)
         buckets = server_times - server_times % tf_s
         o = series.open[lo : hi + 1].copy()
         h = series.high[lo : hi + 1].copy()
         lw = series.low[lo : hi + 1].copy()
         c = series.close[lo : hi + 1].copy()
         v = series.volume[lo : hi + 1].copy()
-        # The forming minute has seen one tick: its open.
-        h[-1] = lw[-1] = c[-1] = o[-1]
-        v[-1] = 1
+        if hi == now_minute:
+            # The forming minute has seen one tick: its open.
+            h[-1] = lw[-1] = c[-1] = o[-1]
+            v[-1] = 1
         keep = (buckets >= first_open) & (buckets <= last_open)
         if not keep.any():
             return np.zeros(0, dtype=RATES_DTYPE)
@@ -960,7 +999,7 @@ class FakeTerminal:
             "limit_orders": 200,
             "margin_so_mode": 0,
             "trade_allowed": True,
-            "trade_expert": True,
+            "trade_expert": self.server_algo_trading,
             "margin_mode": self.account["margin_mode"],
             "currency_digits": 2,
             "fifo_close": False,
@@ -1110,6 +1149,7 @@ class FakeTerminal:
             "history_orders": self.history_orders,
             "init_calls": self.init_calls,
             "concurrent_calls": self.concurrent_calls,
+            "threads": len(self.threads),
             "balance": self.balance,
         }
         tmp = f"{self.dump_path}.tmp"
@@ -1125,6 +1165,7 @@ class FakeTerminal:
             self.concurrent_calls += 1
             return fail
         try:
+            self.threads.add(threading.get_ident())
             self.calls[name] = self.calls.get(name, 0) + 1
             if name not in ("initialize", "shutdown", "version"):
                 if not self.initialized:
@@ -1257,7 +1298,7 @@ class FakeTerminal:
     def symbol_values(self, symbol: str) -> dict[str, Any]:
         spec = self.symbols[symbol]
         bid, ask = self.quote(symbol)
-        tick_size = spec["point"]
+        tick_size = spec.get("tick_size", spec["point"])
         return {
             "select": symbol in self.selected,
             "visible": symbol in self.selected,
@@ -1359,7 +1400,11 @@ class FakeTerminal:
         count = self._count(count)
         last = _epoch(date_from)
         last -= last % tf_s
-        bars = self.rates(symbol, tf_s, last - (count + 1) * tf_s, last)
+        # Bars that opened at or before date_from, counted back by position (the wall
+        # clock repeats an hour in autumn: date_from is its latest occurrence so far).
+        cut = self.from_server_latest(last)
+        start = cut - (count + 1) * tf_s - 3600
+        bars = self.rates(symbol, tf_s, -(2**62), 2**62, from_utc=start, until_utc=cut + tf_s - 60)
         return bars[-count:] if count else bars[:0]
 
     def copy_rates_from_pos(self, symbol, timeframe, start_pos, count):
@@ -1371,10 +1416,11 @@ class FakeTerminal:
             raise _Fail(-2)
         if self.step_s and symbol == self.step_symbol:
             self.advance(self.step_s)
-        now = self.server_now()
-        newest = now - now % tf_s
         want = start_pos + count
-        bars = self.rates(symbol, tf_s, newest - (want + 1) * tf_s, newest)
+        # By position: the last bars whatever their wall-clock times (which go back
+        # in the repeated autumn hour).
+        start = self.utc_now - self.utc_now % tf_s - (want + 1) * tf_s
+        bars = self.rates(symbol, tf_s, -(2**62), 2**62, from_utc=start)
         end = len(bars) - start_pos
         if end <= 0 or not count:
             return bars[:0]
