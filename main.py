@@ -807,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-class _StopRequested(Exception):
+class _StopRequested(BaseException):
     """SIGTERM before the event loop took over signal handling."""
 
 
