@@ -629,7 +629,7 @@ def cmd_status(journal_path: Path, *, check: bool, clock: Clock, out: TextIO | N
         entries = fetch_state(conn, ENTRIES_STATE_KEY)
         if isinstance(entries, dict) and entries.get("blocked"):
             text += f"\nnew entries blocked since {entries.get('since')}: {entries['blocked']}"
-        text += "\n" + format_models(conn, market_now)
+        text += "\n" + format_broker(conn) + "\n" + format_models(conn, market_now)
     finally:
         conn.close()
     print(text, file=stream)
@@ -676,6 +676,34 @@ def format_summary(s: JournalSummary, *, wall_now: datetime) -> str:
         for e in s.last_errors:
             lines.append(f"  {iso_utc(e.time)} {e.level} {e.kind}: {e.message}")
     return "\n".join(lines)
+
+
+BROKER_EVENTS = (
+    "broker_connected",
+    "broker_connect_failed",
+    "broker_disconnected",
+    "broker_offline",
+    "broker_online",
+)
+
+
+def format_broker(conn: sqlite3.Connection) -> str:
+    """The broker link as the daemon last journaled it (live brokers; paper is always up)."""
+    started = conn.execute(
+        "SELECT message FROM events WHERE kind = 'daemon_started' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    last = conn.execute(
+        "SELECT time, kind, message FROM events WHERE kind IN (?, ?, ?, ?, ?) "
+        "ORDER BY id DESC LIMIT 1",
+        BROKER_EVENTS,
+    ).fetchone()
+    if last is None:
+        kind = str(started[0]).split(" ", 1)[0] if started else "paper"
+        return f"broker: {kind}" + (" (simulated, always connected)" if kind == "paper" else "")
+    time_, event, message = last
+    up = event in ("broker_connected", "broker_online")
+    state = "connected" if up else "NOT CONNECTED, not trading"
+    return f"broker: {state} since {time_}: {message}"
 
 
 def format_models(conn: sqlite3.Connection, market_now: datetime) -> str:

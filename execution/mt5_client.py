@@ -907,10 +907,12 @@ class MT5Broker:
         self._connected = True
         self._generation += 1
         self._selected.clear()
-        if attempt:
-            self._event(
-                "info", "broker_connected", f"MetaTrader 5 connected after {attempt} retries"
-            )
+        # Journaled on every connect: `status` shows the link's state from these events.
+        self._event(
+            "info",
+            "broker_connected",
+            "MetaTrader 5 connected" + (f" after {attempt} retries" if attempt else ""),
+        )
 
     async def _reconnect(self, reason: str, generation: int) -> None:
         """Shutdown + initialize with backoff, then checks and reconciliation (once per drop)."""

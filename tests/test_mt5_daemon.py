@@ -7,6 +7,7 @@ is dumped at shutdown and compared with the journal.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -89,6 +90,20 @@ def test_daemon_trades_live_on_the_fake_terminal(tmp_path: Path, faults: dict[st
     compared = assert_journal_matches_fake(tmp_path / "journal.sqlite3", dump["deals"], MAGIC)
     assert compared >= 5
     assert dump["concurrent_calls"] == 0 and dump["threads"] == 1
+    status = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main.py"),
+            "status",
+            "--journal",
+            str(tmp_path / "journal.sqlite3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert status.returncode == 0 and "broker: connected since" in status.stdout
     conn = sqlite3.connect(tmp_path / "journal.sqlite3")
     try:
         (started,) = conn.execute("SELECT message FROM events WHERE kind = 'daemon_started'")
@@ -161,3 +176,30 @@ def test_daemon_trades_live_with_its_own_models_on_the_fake_terminal(
     assert sorted(runs) == [("mlp", "passed"), ("xgb", "passed")]
     assert {"xgb", "mlp"} <= predicted
     assert all("xgb:1.0.0" in s and "mlp:1.0.0" in s for s in model_sets)
+
+
+def test_status_says_whether_the_broker_is_connected(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from main import cmd_status
+    from utils.clock import FakeClock
+    from utils.trade_journal import Journal
+
+    clock = FakeClock(datetime(2026, 1, 5, tzinfo=UTC))
+    journal = Journal(tmp_path / "journal.sqlite3", clock=clock)
+    journal.open()
+    journal.record_event("info", "daemon_started", "mt5 daemon started on EURUSD", {})
+    journal.record_event("info", "broker_connected", "MetaTrader 5 connected", {})
+    journal.record_event(
+        "error",
+        "broker_connect_failed",
+        "MetaTrader 5 initialize failed: (-6, 'Terminal: Authorization failed'): check "
+        "SCALPER__BROKER__LOGIN; retry 1 in 1 s",
+        {},
+    )
+    journal.close()
+    out = io.StringIO()
+    assert cmd_status(tmp_path / "journal.sqlite3", check=False, clock=clock, out=out) == 0
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("broker:"))
+    assert line.startswith("broker: NOT CONNECTED, not trading since ")
+    assert "Authorization failed" in line
