@@ -526,6 +526,7 @@ async def _swaps(
 
     out = []
     clock = time.perf_counter_ns
+    reaper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-reaper")
     for kind in kinds:
         load_ms: list[float] = []
         prime_us: list[float] = []
@@ -537,13 +538,16 @@ async def _swaps(
             predictor, ms = await loop.run_in_executor(executor, load_warm, kind, info)
             # Back on the loop thread, as ModelManager._install_now runs.
             t0 = clock()
-            recent = decider.recent_rows(SYMBOL)
+            # As ModelManager.prime: a sequence model gets its window, a row model nothing.
+            seq = predictor.sequence_length
+            recent = decider.recent_rows(SYMBOL)[-seq:] if seq else []
             for row in recent:
                 predictor.observe(row)
             t1 = clock()
             old = decider.predictors.swap(SYMBOL, kind, predictor)
             t2 = clock()
-            # The daemon drops the replaced predictor on the loop too: its session is freed.
+            # As ModelManager.retire: the replaced session is freed on the reaper thread.
+            reaper.submit(_drop, old)
             del old
             t3 = clock()
             load_ms.append(ms)
@@ -553,7 +557,12 @@ async def _swaps(
             rows = len(recent)
             await asyncio.sleep(gap_s)
         out.append(SwapTimes(kind, load_ms, prime_us, swap_us, release_us, rows))
+    reaper.shutdown(wait=True)
     return out
+
+
+def _drop(predictor: object) -> None:
+    """The reaper's job: the last reference goes with this call's arguments."""
 
 
 # ----------------------------------------------------------------------------- run
@@ -945,10 +954,10 @@ def render(r: Results) -> str:
         f"Per kind, {s.swap_rounds} swaps alternating the retrained and the production "
         "version, with the ticker and the decisions running (phase *swaps* above). "
         "*Load + warm*: `OnnxPredictor.load` + `warmup` in the scheduler thread (what "
-        "`ModelManager._load` does off the loop). On the loop: *prime* feeds the recent "
-        "feature rows to the new predictor (a shape check per row for row models), *swap* is "
-        "`PredictorMap.swap`, *release* drops the replaced predictor (its ONNX Runtime "
-        "session is freed where the last reference goes: in the daemon, on the loop).",
+        "`ModelManager._load` does off the loop). On the loop: *prime* feeds a sequence "
+        "model its window of recent feature rows (row models need none), *swap* is "
+        "`PredictorMap.swap`, *release* hands the replaced predictor to the reaper thread "
+        "(`ModelManager.retire`: its ONNX Runtime session is freed there, off the loop).",
         "",
         "| kind | load + warm ms p50 / max | prime µs p50 / max (rows) | swap µs p50 / max | "
         "release µs p50 / max |",
