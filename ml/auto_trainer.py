@@ -30,8 +30,9 @@ trades; this module keeps the models fresh beside it:
   finds the new one worse, production rolls back to it and the new version is
   rejected for good (the store never promotes a rejected version again by
   itself). A scheduled retrain of a kind on trial waits for the verdict; a
-  triggered one (drift, emergency, manual) replaces the candidate in shadow, or
-  ends a rollback watch (production stays) and shadows against production.
+  triggered one (drift, emergency, manual) replaces the candidate in shadow; a
+  candidate that passes during a rollback watch waits for the watch's verdict
+  (rollback is the quick way back from a bad promotion), then shadows.
 
 Shadow scores live in memory: a restart begins the trial again from zero (the
 candidate stays in the store's shadow alias and is loaded back at start-up); a
@@ -388,6 +389,8 @@ class AutoTrainer:
         )
         self._lock = threading.RLock()
         self.trials: dict[tuple[str, str], Trial] = {}
+        # Candidates that passed the gates during a rollback watch, next in line for shadow.
+        self._waiting: dict[tuple[str, str], VersionInfo] = {}
         self.outcomes: dict[tuple[str, str], dict[str, Any]] = {}
         self._failures: dict[tuple[str, str], int] = {}
         self._emergency_after: dict[str, int] = {}  # symbol -> last trade id considered
@@ -584,6 +587,21 @@ class AutoTrainer:
         serving = self._predictors.snapshot(symbol).get(kind)
         production = self._store.aliases(symbol, kind).get("production")
         first = serving is None or serving.version != production
+        with self._lock:
+            trial = self.trials.get((symbol, kind))
+            if not first and trial is not None and trial.mode == "watch":
+                # The rollback watch decides first: it is the quick way back from a bad
+                # promotion. The candidate starts its shadow trial when the watch ends.
+                self._waiting[(symbol, kind)] = info
+                self._journal.record_model_event(
+                    "shadow_waiting",
+                    symbol=symbol,
+                    kind=kind,
+                    version=info.version,
+                    details={"until": f"the rollback watch of {trial.version} ends"},
+                )
+                self.outcomes[(symbol, kind)]["outcome"] = "waiting for the rollback watch"
+                return
         try:
             predictor = (
                 self._manager.load(symbol, kind, info)
@@ -619,8 +637,7 @@ class AutoTrainer:
             self.outcomes[(symbol, kind)]["outcome"] = "promoted"
             return
         with self._lock:
-            # A newer candidate replaces one in shadow; one under the rollback watch
-            # ends the watch (production stays) and shadows against it.
+            # A newer candidate replaces one in shadow (a watch never reaches here).
             self._end_trial(symbol, kind, reject_shadow=True, why="replaced by a newer candidate")
             self._store.set_shadow(symbol, kind, info.version)
             self._manager.install_shadow(symbol, kind, predictor)
@@ -690,7 +707,24 @@ class AutoTrainer:
                 self._rollback(symbol, kind, trial, details)
             else:
                 self._end_trial(symbol, kind, reject_shadow=False, why=outcome, details=details)
+            if trial.mode == "watch":
+                self._start_waiting(symbol, kind)
             return outcome
+
+    def _start_waiting(self, symbol: str, kind: str) -> None:
+        """A candidate that passed during a rollback watch begins its shadow trial now."""
+        info = self._waiting.pop((symbol, kind), None)
+        if info is None:
+            return
+        self.outcomes[(symbol, kind)] = {"outcome": "passed", "version": info.version}
+        # Through the loop: a rollback's swap was queued there first, so the candidate
+        # is compared with the production that really serves after it.
+        job = functools.partial(self._after_gates, symbol, kind, info)
+
+        def queue() -> None:
+            self._submit(f"shadow:{symbol}:{kind}:next", job, "checks")
+
+        self._manager.call_in_loop(queue)
 
     def _promote_shadow(
         self, symbol: str, kind: str, trial: Trial, details: dict[str, Any]
@@ -825,6 +859,7 @@ class AutoTrainer:
             if trial is not None:
                 self._end_trial(symbol, kind, reject_shadow=False, why="operator command")
         self._manager.reload(symbol, kind)
+        self._waiting.pop((symbol, kind), None)  # it passed against another production
 
     # -- checks -------------------------------------------------------------------------
 

@@ -415,6 +415,31 @@ def test_shadow_success_promotes_and_a_bad_promotion_is_rolled_back(world: World
     assert ("auto_rollback",) in alerts
 
 
+def test_a_candidate_that_passes_during_a_rollback_watch_waits_for_its_verdict(
+    world: World,
+) -> None:
+    v1 = first_model(world)
+    world.auto.request_training("EURUSD", ["xgb"], None, reason="schedule", rows=50)
+    v2 = world.store.aliases("EURUSD", "xgb")["shadow"]
+    feed(world, 80, serving_p_up=0.4, slot_p_up=0.7)
+    assert world.auto.evaluate_trial("EURUSD", "xgb") == "success"  # v2 promoted, watched
+    # An emergency retrain passes the gates while the watch runs: it waits.
+    world.auto.request_training("EURUSD", ["xgb"], None, reason="emergency", rows=50)
+    v3 = world.store.stages("EURUSD", "xgb")
+    waiting = max(v3, key=lambda v: tuple(int(x) for x in v.split(".")))
+    assert world.auto.trials[("EURUSD", "xgb")].mode == "watch"
+    assert world.predictors.shadow_snapshot("EURUSD")["xgb"].version == v1
+    assert ("shadow_waiting", waiting) in world.events()
+    # The promoted model goes bad: rolled back first, then the waiting one shadows.
+    feed(world, 80, serving_p_up=0.3, slot_p_up=0.6, start=100)
+    assert world.auto.evaluate_trial("EURUSD", "xgb") == "failure"
+    assert world.store.aliases("EURUSD", "xgb")["production"] == v1
+    assert world.store.stages("EURUSD", "xgb")[str(v2)] == "rejected"
+    trial = world.auto.trials[("EURUSD", "xgb")]
+    assert (trial.mode, trial.version, trial.other) == ("shadow", waiting, v1)
+    assert world.predictors.shadow_snapshot("EURUSD")["xgb"].version == waiting
+
+
 def test_a_candidate_worse_than_production_is_never_promoted(world: World) -> None:
     v1 = first_model(world)
     world.auto.request_training("EURUSD", ["xgb"], None, reason="schedule", rows=50)
