@@ -18,7 +18,7 @@ Measured in one run, side by side, in this process standing in for the daemon:
    scheduled retrain sees). The same loop with nothing training, measured
    before and after the retrain, is the baseline.
 2. **Swap time** per kind: ``OnnxPredictor.load`` + ``warmup`` of another
-   version from the store in a thread (what ``ModelManager._load`` does off the
+   version from the store in a thread (what ``ModelManager.load`` does off the
    loop), then on the loop the priming with recent feature rows and
    ``PredictorMap.swap`` (what ``ModelManager._install_now`` does), the
    retrained and the production version in turn, while the ticker and the
@@ -512,7 +512,7 @@ async def _swaps(
     gap_s: float,
     executor: concurrent.futures.Executor,
 ) -> list[SwapTimes]:
-    """Load + warm in a thread (``ModelManager._load``), then prime + swap on the loop."""
+    """Load + warm in a thread (``ModelManager.load``), then prime + swap on the loop."""
     loop = asyncio.get_running_loop()
 
     def load_warm(kind: str, info: VersionInfo) -> tuple[OnnxPredictor, float]:
@@ -954,7 +954,7 @@ def render(r: Results) -> str:
         f"Per kind, {s.swap_rounds} swaps alternating the retrained and the production "
         "version, with the ticker and the decisions running (phase *swaps* above). "
         "*Load + warm*: `OnnxPredictor.load` + `warmup` in the scheduler thread (what "
-        "`ModelManager._load` does off the loop). On the loop: *prime* feeds a sequence "
+        "`ModelManager.load` does off the loop). On the loop: *prime* feeds a sequence "
         "model its window of recent feature rows (row models need none), *swap* is "
         "`PredictorMap.swap`, *release* hands the replaced predictor to the reaper thread "
         "(`ModelManager.retire`: its ONNX Runtime session is freed there, off the loop).",

@@ -112,7 +112,8 @@ class ModelManager:
             return ensemble_weight(info.manifest)
         return 1.0
 
-    def _load(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:
+    def load(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:
+        """Load and warm up off the loop (raises when the artifact cannot serve)."""
         predictor = OnnxPredictor.load(
             info.path, feature_hash=self._spec.hash, kind=kind, version=info.version
         )
@@ -135,7 +136,7 @@ class ModelManager:
                 if info is None:
                     continue
                 try:
-                    predictor = self._load(symbol, kind, info)
+                    predictor = self.load(symbol, kind, info)
                 except Exception as exc:  # noqa: BLE001 - a bad artifact must not stop the daemon
                     self._journal.record_event(
                         "error",
@@ -313,17 +314,13 @@ class ModelManager:
         """Load and warm ``info`` here (off the loop), then swap it in on the loop."""
         self.install(symbol, kind, self.load(symbol, kind, info), info)
 
-    def load(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:
-        """Load and warm up (raises when the artifact cannot serve: nothing is swapped)."""
-        return self._load(symbol, kind, info)
-
     def install(self, symbol: str, kind: str, predictor: OnnxPredictor, info: VersionInfo) -> None:
         """Swap a loaded, warm predictor in on the loop (primed with recent rows first)."""
         self.call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
 
     def load_for_shadow(self, symbol: str, kind: str, info: VersionInfo) -> OnnxPredictor:
         """Load and warm a candidate to predict beside production (not traded)."""
-        predictor = self._load(symbol, kind, info)
+        predictor = self.load(symbol, kind, info)
         predictor.stage = "shadow"
         return predictor
 
@@ -405,11 +402,10 @@ class ModelManager:
         if info is None:
             self.call_in_loop(lambda: self._remove(symbol, kind))
             return
-        predictor = self._load(symbol, kind, info)
-        self.call_in_loop(lambda: self._install_now(symbol, kind, predictor, info))
+        self.serve_version(symbol, kind, info)
 
     def _remove(self, symbol: str, kind: str) -> None:
-        self._predictors.swap(symbol, kind, None)
+        self.retire(self._predictors.swap(symbol, kind, None))
         if not self._predictors.snapshot(symbol):
             self._predictors.swap(symbol, "baseline", self._baseline())
 
