@@ -87,6 +87,32 @@ class OrderRequest:
     position_id: int | None = None
     comment: str = ""
 
+    @classmethod
+    def closing(
+        cls, position: Position, client_order_id: str, volume: float | None = None
+    ) -> OrderRequest:
+        """The opposite deal that closes ``position`` (all of it, or ``volume``)."""
+        return cls(
+            client_order_id=client_order_id,
+            symbol=position.symbol,
+            side=position.side.opposite(),
+            volume=position.volume if volume is None else volume,
+            position_id=position.position_id,
+        )
+
+    @classmethod
+    def modifying(cls, position: Position, sl: float | None, tp: float | None) -> OrderRequest:
+        """New SL/TP for ``position`` (under its own client order id)."""
+        return cls(
+            client_order_id=position.client_order_id,
+            symbol=position.symbol,
+            side=position.side,
+            volume=position.volume,
+            sl=sl,
+            tp=tp,
+            position_id=position.position_id,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class OrderResult:

@@ -1416,13 +1416,7 @@ class MT5Broker:
     async def close_position(
         self, position: Position, client_order_id: str, volume: float | None = None
     ) -> OrderResult:
-        request = OrderRequest(
-            client_order_id=client_order_id,
-            symbol=position.symbol,
-            side=position.side.opposite(),
-            volume=position.volume if volume is None else volume,
-            position_id=position.position_id,
-        )
+        request = OrderRequest.closing(position, client_order_id, volume)
         found = await self._raw_position(position.position_id)
         if found is None:
             return self._reject(request, rc.POSITION_CLOSED, "position not open")
@@ -1790,15 +1784,7 @@ class MT5Broker:
         self, position: Position, sl: float | None, tp: float | None
     ) -> OrderResult:
         """New SL/TP with ``TRADE_ACTION_SLTP``, kept clear of the stops and freeze levels."""
-        request = OrderRequest(
-            client_order_id=position.client_order_id,
-            symbol=position.symbol,
-            side=position.side,
-            volume=position.volume,
-            sl=sl,
-            tp=tp,
-            position_id=position.position_id,
-        )
+        request = OrderRequest.modifying(position, sl, tp)
         if await self._raw_position(position.position_id) is None:
             return self._reject(request, rc.POSITION_CLOSED, "position not open")
         await self._select(position.symbol)

@@ -383,14 +383,8 @@ class PaperBroker:
         A partial close keeps the rest open under the same position id, with
         its opening commission and margin scaled to the volume that remains.
         """
-        close_volume = position.volume if volume is None else volume
-        request = OrderRequest(
-            client_order_id=client_order_id,
-            symbol=position.symbol,
-            side=position.side.opposite(),
-            volume=close_volume,
-            position_id=position.position_id,
-        )
+        request = OrderRequest.closing(position, client_order_id, volume)
+        close_volume = request.volume
         found = self._priced_position(request, position.position_id)
         if isinstance(found, OrderResult):
             return found
@@ -446,15 +440,7 @@ class PaperBroker:
         self, position: Position, sl: float | None, tp: float | None
     ) -> OrderResult:
         """Set new SL/TP, checked against the price the position would close at now."""
-        request = OrderRequest(
-            client_order_id=position.client_order_id,
-            symbol=position.symbol,
-            side=position.side,
-            volume=position.volume,
-            sl=sl,
-            tp=tp,
-            position_id=position.position_id,
-        )
+        request = OrderRequest.modifying(position, sl, tp)
         found = self._priced_position(request, position.position_id)
         if isinstance(found, OrderResult):
             return found
