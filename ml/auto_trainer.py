@@ -290,6 +290,9 @@ class ScoreTracker:
 
     def watch(self, symbol: str, kind: str, *, slot_version: str, prod_version: str) -> None:
         with self._lock:
+            if not any(k[0] == symbol for k in self._watches):
+                # Bars are fed only while a shadow slot is filled: start a fresh window.
+                self._pending.pop(symbol, None)
             self._watches[(symbol, kind)] = _Watch(slot_version, prod_version)
 
     def unwatch(self, symbol: str, kind: str) -> None:
@@ -1012,13 +1015,14 @@ class AutoTrainer:
     # -- visibility ---------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        watching = self.tracker.watching()
         with self._lock:
             trials = {
                 f"{s}/{k}": {
                     "mode": t.mode,
                     "version": t.version,
                     "compared_with": t.other,
-                    "scored_bars": (self.tracker.watching().get((s, k)) or ("", "", 0))[2],
+                    "scored_bars": (watching.get((s, k)) or ("", "", 0))[2],
                     "started": iso_utc(t.started),
                 }
                 for (s, k), t in self.trials.items()

@@ -193,7 +193,7 @@ class ScalpingStrategy:
         self.status.bar_us.append((self._timer() - t0) / 1000.0)
         self._record_predictions(bar, result)
         # Shadow candidates answer after the decision was sent: outside its latency.
-        if shadow_result is None and (shadow or self.on_scored is not None):
+        if shadow_result is None and shadow:
             shadow_result = predict_all(shadow, row, {}, self._timer, self._spec.hash)
         if shadow_result is not None:
             self._record_predictions(bar, shadow_result)
