@@ -41,7 +41,13 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "settings.toml"
 # Keys that may only come from the environment (CONVENTIONS.md): a secret in a
 # file ends up in backups, screenshots and support tickets.
 ENV_ONLY_KEYS: frozenset[tuple[str, str]] = frozenset(
-    {("broker", "login"), ("broker", "server"), ("broker", "password")}
+    {
+        ("broker", "login"),
+        ("broker", "server"),
+        ("broker", "password"),
+        ("http", "token"),
+        ("alerts", "webhook_url"),
+    }
 )
 
 TIMEFRAME_SECONDS: dict[str, int] = {
@@ -357,6 +363,30 @@ class StorageSettings(_Section):
     journal_batch_max: int = Field(500, ge=1, le=100_000)
 
 
+class HttpSettings(_Section):
+    # Read-only /health and /metrics; off unless asked for.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=1, le=65535)
+    # Environment only (SCALPER__HTTP__TOKEN): when set, requests need
+    # "Authorization: Bearer <token>".
+    token: SecretStr | None = Field(None, repr=False)
+
+
+class AlertsSettings(_Section):
+    # Environment only (SCALPER__ALERTS__WEBHOOK_URL): Slack/Discord incoming webhooks and
+    # Telegram bot URLs all carry their secret in the URL.
+    webhook_url: SecretStr | None = Field(None, repr=False)
+    # At most one webhook post per alert kind (and symbol) within this many seconds.
+    min_interval_s: float = Field(300.0, ge=0, le=86_400)
+    # Webhook request timeout, seconds; a failing webhook never affects trading.
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    # Broker disconnected for longer than this many seconds raises an alert.
+    broker_down_s: float = Field(300.0, ge=1, le=86_400)
+    # Free space under the journal or model directory below this many MB raises an alert.
+    disk_free_min_mb: float = Field(500.0, ge=0)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = "auto"
@@ -402,6 +432,8 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     autotrain: AutotrainSettings = AutotrainSettings()
     storage: StorageSettings = StorageSettings()
+    http: HttpSettings = HttpSettings()
+    alerts: AlertsSettings = AlertsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod
@@ -459,8 +491,8 @@ class Settings(BaseSettings):
     def public_dict(self) -> dict[str, Any]:
         """Everything safe to log or journal: the credentials are left out."""
         data = self.model_dump(mode="json")
-        for key in ("login", "server", "password"):
-            data["broker"].pop(key, None)
+        for section, key in ENV_ONLY_KEYS:
+            data[section].pop(key, None)
         return data
 
 
