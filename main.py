@@ -11,29 +11,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 import pandas as pd
 import structlog
 
-from config.settings import Settings, SettingsError, load_settings
+from config.settings import TIMEFRAME_SECONDS, Settings, SettingsError, load_settings
 from execution.broker import Broker, Position, Side
 from execution.mt5_client import BrokerSetupError, MT5Broker, reconcile_with_journal
 from execution.paper import PaperBroker, specs_from_settings
 from execution.risk import RiskManager
+from market_data.bars import Bar
 from market_data.feeds import FrameSource, ReplayFeed
 from market_data.loaders import DataFileError, load_bars
 from market_data.mt5_feed import LiveFeed, fetch_history_bars
 from market_data.synthetic import SyntheticMarket
 from ml import cli_models
-from ml.auto_trainer import AUTOTRAIN_STATE_KEY, AutoTrainer, Runner
+from ml.auto_trainer import AUTOTRAIN_STATE_KEY, AutoTrainer, InlineRunner, Runner
 from ml.model_manager import ModelManager
 from ml.predictor_map import PredictorMap
 from ml.store import ModelStore, journal_hook
@@ -42,7 +44,7 @@ from strategy.baseline import MomentumBaseline
 from strategy.engine import RISK_STATE_KEY, TradingEngine
 from strategy.features import BarColumns, FeatureSpec
 from strategy.scalper import CRASH_ENV, ENTRIES_STATE_KEY, CrashPoint, ScalpingStrategy
-from utils.clock import Clock, SystemClock, iso_utc, parse_iso_utc
+from utils.clock import Clock, FakeClock, SystemClock, iso_utc, parse_iso_utc
 from utils.commands import serve_commands
 from utils.logsetup import configure_logging
 from utils.tasks import TaskSupervisor
@@ -269,17 +271,26 @@ async def start_daemon(
     duration_s: float | None = None,
     backend: TrainingBackend | None = None,
     runner: Runner | None = None,
+    sources: Mapping[str, FrameSource] | None = None,
+    replay_after: Mapping[str, datetime] | None = None,
+    train: bool = True,
+    on_bar: Callable[[Bar], None] | None = None,
 ) -> Daemon:
     """Crash-only start-up: the same path after a clean stop and after a crash.
 
     Opens (and checks) the journal, rebuilds the paper account and open positions
     from it, resumes the replay after the last processed bar, loads the predictor
     set and warms the features. Raises ``InvalidInput`` for bad data or journals.
+
+    Backtests pass their own replay ``sources`` (and ``replay_after``: where trading
+    starts when the journal has no resume point), ``train=False`` to serve only the
+    models already in the store, and ``on_bar`` to follow each processed bar.
     """
     clock = clock or SystemClock()
     live_broker = settings.broker.kind != "paper"
     # Bad data is refused before the journal is touched.
-    sources = {} if live_broker else _replay_sources(settings)
+    if sources is None:
+        sources = {} if live_broker else _replay_sources(settings)
     journal = Journal(
         settings.storage.journal_path, clock=clock, batch_max=settings.storage.journal_batch_max
     )
@@ -298,6 +309,8 @@ async def start_daemon(
             last = journal.get_state(LAST_BAR_KEY + symbol)
             if last:
                 resume[symbol] = parse_iso_utc(str(last))
+        if not resume and replay_after:
+            resume = dict(replay_after)
         if resume:
             # A symbol added to an existing journal joins at the current market time
             # instead of replaying from its beginning (market time never goes back).
@@ -314,7 +327,9 @@ async def start_daemon(
                 history_bars=max(
                     settings.paper.history_bars,
                     spec.window,
-                    settings.models.initial_train_bars if settings.models.enabled_kinds else 0,
+                    settings.models.initial_train_bars
+                    if settings.models.enabled_kinds and train
+                    else 0,
                 ),
                 resume_after=resume,
             )
@@ -404,7 +419,7 @@ async def start_daemon(
             every_market_s=HOUSEKEEPING_S,
             periodic=housekeeping,
             # Paper replay: schedules run on market time, ticked by every bar.
-            after_bar=None if live else (lambda bar: auto.tick(bar.time)),
+            after_bar=_after_bar(None if live else auto, on_bar),
         )
         recent = engine.recent_bars
         for pos in await broker.positions():
@@ -421,7 +436,7 @@ async def start_daemon(
         history = feed.history()
         engine.warm_up(history, feature_bars=max(settings.paper.history_bars, spec.window))
         market_now = max((b.time for b in history), default=clock.now())
-        for symbol in settings.trading.symbols:
+        for symbol in settings.trading.symbols if train else ():
             missing, stale = models.missing_or_stale(symbol, market_now)
             bars = [b for b in history if b.symbol == symbol]
             for kinds, reason, rows in (
@@ -457,6 +472,22 @@ async def start_daemon(
         models,
         auto,
     )
+
+
+def _after_bar(
+    auto: AutoTrainer | None, on_bar: Callable[[Bar], None] | None
+) -> Callable[[Bar], None] | None:
+    """What runs after each processed bar: the caller's hook, then the schedules' tick."""
+    if auto is None:
+        return on_bar
+    follow = on_bar
+
+    def after(bar: Bar) -> None:
+        if follow is not None:
+            follow(bar)
+        auto.tick(bar.time)
+
+    return after
 
 
 async def serve(
@@ -599,6 +630,382 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
                 signal.signal(sig, previous)  # type: ignore[arg-type]
 
     return restore
+
+
+# -- backtest ---------------------------------------------------------------------------
+
+# A synthetic backtest without --to covers this many days of market time.
+SYNTHETIC_BACKTEST_DAYS = 20
+BACKTEST_KINDS = ("rf", "xgb", "lstm", "mlp")
+
+
+@dataclass
+class BacktestPlan:
+    """What one backtest replays, and where it writes; built (and refused) before any work."""
+
+    symbol: str
+    source: str  # "synthetic" or the data file
+    timeframe: str
+    frame: pd.DataFrame  # warm-up history and the bars to trade
+    trade_from: datetime  # open time of the first traded bar
+    trade_to: datetime  # open time of the last bar
+    bars: int  # bars to trade
+    warmup_bars: int
+    replay_after: dict[str, datetime] | None
+    walk_forward: bool
+    journal: Path
+    models_dir: Path
+    notes: list[str]
+
+
+def _parse_when(text: str | None, flag: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = pd.Timestamp(text)
+    except ValueError:
+        value = pd.NaT
+    if value is pd.NaT or pd.isna(value):
+        raise InvalidInput(
+            f"{flag} {text!r}: not a date; use YYYY-MM-DD or an ISO time such as 2019-03-01T08:00Z"
+        )
+    if value.tzinfo is None:
+        value = value.tz_localize("UTC")
+    moment: datetime = value.tz_convert("UTC").to_pydatetime()
+    return moment
+
+
+def _backtest_frame(
+    settings: Settings, symbol: str, data: str, timeframe: str | None, end: datetime | None
+) -> tuple[pd.DataFrame, str, list[str]]:
+    """The bars of ``data`` before ``end``, their timeframe, and notes on cleaning."""
+    if data == "synthetic":
+        tf = timeframe or settings.trading.timeframe
+        if tf not in TIMEFRAME_SECONDS:
+            raise InvalidInput(
+                f"--timeframe {tf!r}: use one of {', '.join(TIMEFRAME_SECONDS)} for synthetic data"
+            )
+        origin = parse_iso_utc(settings.paper.synthetic_start)
+        last = end or origin + timedelta(days=SYNTHETIC_BACKTEST_DAYS)
+        spec = settings.symbols[symbol]
+        market = SyntheticMarket(
+            symbol=symbol,
+            seed=settings.paper.synthetic_seed * 1000,  # a paper run's first symbol
+            start=origin,
+            timeframe_s=TIMEFRAME_SECONDS[tf],
+            base_price=SYNTHETIC_BASE_PRICES.get(symbol, 1.0),
+            point=spec.point,
+            base_spread_points=max(1, spec.default_spread_points),
+        )
+        parts = []
+        for chunk in market.iter_frames():
+            parts.append(chunk[chunk["time"] < pd.Timestamp(last)])
+            if chunk["time"].iloc[-1] >= pd.Timestamp(last):
+                break
+        frame = pd.concat(parts, ignore_index=True)
+        return frame, tf, [f"synthetic {symbol} market from {iso_utc(origin)} (seed {market.seed})"]
+    path = Path(data)
+    try:
+        loaded = load_bars(
+            path, server_timezone=settings.broker.server_timezone, timeframe=timeframe
+        )
+    except DataFileError as exc:
+        raise InvalidInput(str(exc)) from None
+    if loaded.timeframe not in TIMEFRAME_SECONDS:
+        raise InvalidInput(
+            f"{path}: the bars are {loaded.timeframe} apart; the strategy trades "
+            f"{', '.join(TIMEFRAME_SECONDS)} bars: resample the export to one of them"
+        )
+    report = loaded.report
+    notes = [
+        f"{path}: {report.rows_out:,} {loaded.timeframe} bars ({loaded.fmt}) after cleaning "
+        f"{report.rows_in:,} rows: {report.rejected_total} rejected, {report.gaps} gaps "
+        f"({report.missing_bars:,} missing bars, {report.weekend_gaps} weekends)"
+    ]
+    frame = loaded.frame
+    if end is not None:
+        frame = frame[frame["time"] < pd.Timestamp(end)].reset_index(drop=True)
+    return frame, loaded.timeframe, notes
+
+
+def _backtest_name(root: Path, symbol: str, data: str, walk_forward: bool, now: datetime) -> Path:
+    label = "synthetic" if data == "synthetic" else Path(data).name.split(".")[0]
+    base = f"{symbol}_{label}_{now:%Y%m%d-%H%M%S}{'_wf' if walk_forward else ''}"
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        if not (root / f"{name}.sqlite3").exists() and not (root / f"{name}_models").exists():
+            return root / f"{name}.sqlite3"
+    raise InvalidInput(f"{root}: too many backtests named {base}; clean the directory up")
+
+
+def plan_backtest(
+    settings: Settings,
+    *,
+    symbol: str,
+    data: str,
+    timeframe: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    walk_forward: bool = False,
+    now: datetime | None = None,
+) -> BacktestPlan:
+    """Load and check the data, decide the windows and paths; ``InvalidInput`` if unusable."""
+    if symbol not in settings.symbols:
+        raise InvalidInput(
+            f"--symbol {symbol}: no [symbols.{symbol}] contract table in the settings; "
+            f"known: {', '.join(sorted(settings.symbols))}"
+        )
+    first = _parse_when(start, "--from")
+    last = _parse_when(end, "--to")
+    if first is not None and last is not None and first >= last:
+        raise InvalidInput(f"--from {start} is not before --to {end}")
+    frame, tf, notes = _backtest_frame(settings, symbol, data, timeframe, last)
+    if frame.empty:
+        raise InvalidInput(f"{data}: no bars before --to {end}" if end else f"{data}: no bars")
+    times = frame["time"]
+    warmup = max(settings.paper.history_bars, FeatureSpec().window)
+    kinds = settings.models.enabled_kinds
+    if walk_forward and not kinds:
+        raise InvalidInput("--walk-forward trains models, but every models.<kind>.enabled is false")
+    if walk_forward:
+        warmup = max(warmup, settings.models.initial_train_bars)
+    replay_after = None
+    if first is not None and first > times.iloc[0]:
+        before = int((times < pd.Timestamp(first)).sum())
+        if walk_forward and before < settings.models.initial_train_bars:
+            raise InvalidInput(
+                f"{data}: a walk-forward trains its first models on the "
+                f"models.initial_train_bars = {settings.models.initial_train_bars:,} bars before "
+                f"--from, and there are only {before:,} before {start}; pick a later --from, "
+                "more data, or a smaller models.initial_train_bars"
+            )
+        if before < warmup:
+            notes.append(
+                f"only {before:,} bars before --from {start} to warm the features up "
+                f"({warmup:,} wanted): the first bars may not trade"
+            )
+        replay_after = {symbol: times.iloc[before - 1].to_pydatetime()}
+        traded = frame.iloc[before:]
+        warmup = min(before, warmup)
+    else:
+        if first is not None:
+            notes.append(f"--from {start} is before the data starts ({times.iloc[0]})")
+        if len(frame) <= warmup:
+            raise InvalidInput(
+                f"{data}: {len(frame):,} {tf} bars in the chosen period, but the backtest needs "
+                f"{warmup:,} bars first ("
+                + (
+                    "models.initial_train_bars for the first training"
+                    if walk_forward
+                    else "paper.history_bars and the feature window"
+                )
+                + ") and then bars to trade; give more data or a longer --from/--to range"
+            )
+        traded = frame.iloc[warmup:]
+    root = Path(settings.storage.journal_path).parent / "backtests"
+    journal = _backtest_name(root, symbol, data, walk_forward, now or datetime.now(UTC))
+    return BacktestPlan(
+        symbol=symbol,
+        source=data,
+        timeframe=tf,
+        frame=frame,
+        trade_from=traded["time"].iloc[0].to_pydatetime(),
+        trade_to=traded["time"].iloc[-1].to_pydatetime(),
+        bars=len(traded),
+        warmup_bars=warmup,
+        replay_after=replay_after,
+        walk_forward=walk_forward,
+        journal=journal,
+        models_dir=journal.with_name(journal.stem + "_models"),
+        notes=notes,
+    )
+
+
+def _copy_production_models(
+    settings: Settings, plan: BacktestPlan
+) -> tuple[dict[str, str], list[str]]:
+    """Copy the live store's models of the symbol into the backtest's own directory.
+
+    The live store is only read (only the daemon writes it); the backtest's copy is
+    what its daemon loads. Returns the production versions and lookahead warnings.
+    """
+    live_root = Path(settings.storage.models_dir)
+    live = ModelStore(live_root, clock=SystemClock(), retention=settings.models.retention)
+    versions: dict[str, str] = {}
+    warnings: list[str] = []
+    for kind in settings.models.enabled_kinds:
+        src = live.kind_dir(plan.symbol, kind)
+        try:
+            info = live.resolve(plan.symbol, kind)
+        except Exception as exc:  # noqa: BLE001 - an unusable live model is skipped, said why
+            warnings.append(f"{kind}: production in {src} not usable ({exc}); left out")
+            continue
+        if info is None:
+            continue
+        shutil.copytree(
+            src,
+            plan.models_dir / plan.symbol / kind,
+            ignore=shutil.ignore_patterns("*.lock", ".tmp-*"),
+        )
+        versions[kind] = info.version
+        window = live.manifest(plan.symbol, kind, info.version).get("training_window") or {}
+        trained_to = window.get("last") if isinstance(window, dict) else None
+        if trained_to and parse_iso_utc(str(trained_to)) >= plan.trade_from:
+            warnings.append(
+                f"{kind} {info.version} was trained on bars up to {trained_to}, inside the "
+                "backtest period: its results there are in-sample (use --walk-forward)"
+            )
+    return versions, warnings
+
+
+def backtest_settings(settings: Settings, plan: BacktestPlan, kinds: Sequence[str]) -> Settings:
+    """The settings a backtest's daemon runs with: the same strategy and risk, its own files."""
+    models = settings.models.model_copy(
+        update={
+            k: settings.models.kind(k).model_copy(update={"enabled": k in kinds})
+            for k in BACKTEST_KINDS
+        }
+    )
+    return settings.model_copy(
+        update={
+            "broker": settings.broker.model_copy(update={"kind": "paper"}),
+            "trading": settings.trading.model_copy(
+                update={"symbols": (plan.symbol,), "timeframe": plan.timeframe}
+            ),
+            "paper": settings.paper.model_copy(
+                update={"data": plan.source, "replay_bars_per_s": 0.0}
+            ),
+            "models": models,
+            "autotrain": settings.autotrain.model_copy(update={"enabled": plan.walk_forward}),
+            "storage": settings.storage.model_copy(
+                update={"journal_path": str(plan.journal), "models_dir": str(plan.models_dir)}
+            ),
+        }
+    )
+
+
+async def run_backtest(
+    settings: Settings,
+    plan: BacktestPlan,
+    *,
+    on_bar: Callable[[Bar], None] | None = None,
+    stop: asyncio.Event | None = None,
+    install_signals: bool = True,
+    backend: TrainingBackend | None = None,
+) -> int:
+    """Replay the plan through the daemon's own kernel on a clock that follows the bars.
+
+    The replay waits for every training job (``InlineRunner``), so a walk-forward is
+    deterministic: the same data and settings give the same journal.
+    """
+    tf = timedelta(seconds=TIMEFRAME_SECONDS[plan.timeframe])
+    clock = FakeClock(plan.trade_from)
+    follow = on_bar
+
+    def each_bar(bar: Bar) -> None:
+        clock.advance_to(bar.time + tf)
+        if follow is not None:
+            follow(bar)
+
+    frame = plan.frame
+    daemon = await start_daemon(
+        settings,
+        clock=clock,
+        backend=backend,
+        runner=InlineRunner(),
+        sources={plan.symbol: lambda: iter([frame])},
+        replay_after=plan.replay_after,
+        train=plan.walk_forward,
+        on_bar=each_bar,
+    )
+    try:
+        return await serve(daemon, stop=stop, install_signals=install_signals, command_poll_s=None)
+    finally:
+        daemon.journal.close()
+
+
+class _BacktestProgress:
+    """A rich progress bar over the bars on a terminal; nothing otherwise (logs say enough)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self._rich: Any = None
+        self._count = 0
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._rich = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("bars"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._rich.start()
+            self._task = self._rich.add_task(label, total=total)
+
+    def __call__(self, bar: Bar) -> None:
+        self._count += 1
+        if self._rich is not None and self._count % 200 == 0:
+            self._rich.update(self._task, completed=self._count, description=f"{bar.time:%Y-%m-%d}")
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self._count)
+            self._rich.stop()
+
+
+def cmd_backtest(settings: Settings, args: argparse.Namespace, *, out: TextIO) -> int:
+    plan = plan_backtest(
+        settings,
+        symbol=args.symbol,
+        data=args.data,
+        timeframe=args.timeframe,
+        start=getattr(args, "from"),
+        end=args.to,
+        walk_forward=args.walk_forward,
+    )
+    plan.journal.parent.mkdir(parents=True, exist_ok=True)
+    if plan.walk_forward:
+        kinds: Sequence[str] = settings.models.enabled_kinds
+        models_line = (
+            f"walk-forward: trains {', '.join(kinds)} into {plan.models_dir} (first on "
+            f"{settings.models.initial_train_bars:,} bars, then as models.<kind>.retrain_every_s "
+            "says), every candidate through the validation gates"
+        )
+    else:
+        versions, warnings = _copy_production_models(settings, plan)
+        kinds = list(versions)
+        plan.notes.extend(warnings)
+        models_line = (
+            "models: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+            if versions
+            else f"models: none in production in {settings.storage.models_dir} for "
+            f"{plan.symbol}; the baseline predictor trades (--walk-forward trains models)"
+        )
+    print(
+        f"backtest {plan.symbol} {plan.timeframe} on {plan.source}: {plan.bars:,} bars to trade "
+        f"from {iso_utc(plan.trade_from)} to {iso_utc(plan.trade_to)} "
+        f"(after {plan.warmup_bars:,} warm-up bars)",
+        file=out,
+    )
+    for line in [models_line, *plan.notes]:
+        print(f"  {line}", file=out)
+    run_settings = backtest_settings(settings, plan, kinds)
+    progress = _BacktestProgress(plan.bars, "backtest")
+    try:
+        code = asyncio.run(run_backtest(run_settings, plan, on_bar=progress))
+    finally:
+        progress.close()
+    print(f"journal: {plan.journal}", file=out)
+    return code
 
 
 # -- status -----------------------------------------------------------------------------
@@ -787,6 +1194,24 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--journal", type=Path, default=None, help="journal file to read")
     status.add_argument("--check", action="store_true", help="run PRAGMA integrity_check")
     cli_models.add_parsers(sub)
+    backtest = sub.add_parser(
+        "backtest", help="replay history through the daemon's kernel (own journal and report)"
+    )
+    backtest.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
+    backtest.add_argument("--symbol", required=True, help="symbol to trade, e.g. EURUSD")
+    backtest.add_argument(
+        "--data", required=True, help="a bar file (.csv, .csv.gz, MT5 export) or 'synthetic'"
+    )
+    backtest.add_argument(
+        "--timeframe", default=None, help="bar timeframe (default: the data's own spacing)"
+    )
+    backtest.add_argument("--from", default=None, help="first traded bar time (UTC), YYYY-MM-DD")
+    backtest.add_argument("--to", default=None, help="end of the data used (UTC, exclusive)")
+    backtest.add_argument(
+        "--walk-forward",
+        action="store_true",
+        help="train, validate and promote as the auto-trainer would, into the backtest's own store",
+    )
     return parser
 
 
@@ -810,6 +1235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(path, check=args.check, clock=SystemClock())
         if command in ("train", "models"):
             return cli_models.run(settings, args, out=sys.stdout, clock=SystemClock())
+        if command == "backtest":
+            return cmd_backtest(settings, args, out=sys.stdout)
+    except InvalidInput as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID
     except BrokenPipeError:
         # `python main.py status | head`: the reader left; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -403,6 +403,8 @@ class AutoTrainer:
         # One drift-triggered retrain per serving version: an alarm on a market that
         # keeps differing from the training window must not retrain every hour.
         self._drift_retrained: set[tuple[str, str, str]] = set()
+        # Market time of each (symbol, kind)'s latest training attempt, any outcome.
+        self._attempted: dict[tuple[str, str], datetime] = {}
         self._status_written = -math.inf
         self._stopped = False
         self.schedule = Schedule(self._intervals(), self._last_versions())
@@ -545,8 +547,9 @@ class AutoTrainer:
                 symbol, request.kinds, BarColumns.from_bars(bars), request.reason, request.rows
             )
         log.info("training_progress", symbol=symbol, kind=kind, reason=request.reason)
-        result = self._manager.train_one(request, kind, timeout_s=self._a.job_timeout_s)
         key = (symbol, kind)
+        self._attempted[key] = self._now()
+        result = self._manager.train_one(request, kind, timeout_s=self._a.job_timeout_s)
         when = iso_utc(self._clock.now())
         if result is None:
             failures = self._failures[key] = self._failures.get(key, 0) + 1
@@ -867,8 +870,21 @@ class AutoTrainer:
     # -- checks -------------------------------------------------------------------------
 
     def check_staleness(self, symbol: str) -> list[str]:
-        missing, stale = self._manager.missing_or_stale(symbol, self._now())
-        wanted = missing + stale
+        """Retrain kinds with no usable or a stale model, unless one was attempted lately.
+
+        A kind trained less than its ``retrain_every_s`` ago (whatever the outcome,
+        typically rejected by the gates) waits for its schedule: retrying every
+        hour would spend a training per hour on a market that gave no model.
+        """
+        now = self._now()
+        missing, stale = self._manager.missing_or_stale(symbol, now)
+        wanted = []
+        for kind in missing + stale:
+            every = self._s.models.kind(kind).retrain_every_s
+            last = self._attempted.get((symbol, kind))
+            if every > 0 and last is not None and (now - last).total_seconds() < every:
+                continue
+            wanted.append(kind)
         if not wanted:
             return []
         return self.request_training(

@@ -54,6 +54,12 @@ class FakeClock:
         self._now += timedelta(seconds=seconds)
         self._mono += seconds
 
+    def advance_to(self, moment: datetime) -> None:
+        """Move forward to ``moment`` (a market clock following bars); never backwards."""
+        ahead = (moment - self._now).total_seconds()
+        if ahead > 0:
+            self.advance(ahead)
+
     async def sleep(self, seconds: float) -> None:
         self.advance(max(0.0, seconds))
         await asyncio.sleep(0)
