@@ -44,9 +44,12 @@ from strategy.baseline import MomentumBaseline
 from strategy.engine import RISK_STATE_KEY, TradingEngine
 from strategy.features import BarColumns, FeatureSpec
 from strategy.scalper import CRASH_ENV, ENTRIES_STATE_KEY, CrashPoint, ScalpingStrategy
+from utils.alerts import Alerter, OutageTimer, disk_space_alert
 from utils.clock import Clock, FakeClock, SystemClock, iso_utc, parse_iso_utc
 from utils.commands import serve_commands
+from utils.http_api import HttpServer, HttpServerError, ModelRow, ServiceMetrics, evaluate_health
 from utils.logsetup import configure_logging
+from utils.systemd import Notifier, loop_monitor
 from utils.tasks import TaskSupervisor
 from utils.trade_journal import (
     LAST_BAR_KEY,
@@ -65,6 +68,8 @@ EXIT_FAILURE = 1
 EXIT_INVALID = 2
 
 SYNTHETIC_BASE_PRICES = {"EURUSD": 1.10, "GBPUSD": 1.27, "XAUUSD": 2050.0}
+# systemd start-up budget per long step (EXTEND_TIMEOUT_USEC), seconds.
+START_STEP_TIMEOUT_S = 300.0
 
 
 class InvalidInput(Exception):
@@ -244,6 +249,173 @@ class _Housekeeping:
                 self._journal.prune_predictions(symbol, now - keep)
 
 
+class Service:
+    """The daemon's face to an operator: systemd, /health and /metrics, alerts.
+
+    Everything here is optional and quiet: without ``NOTIFY_SOCKET`` the
+    notifications are no-ops, the HTTP endpoint runs only when ``http.enabled``,
+    and alerts reach a webhook only when ``SCALPER__ALERTS__WEBHOOK_URL`` is set
+    (they always reach the journal and the log). The event loop publishes a
+    health snapshot twice a second from the loop monitor; the HTTP thread only
+    reads it, so no request ever waits for the loop or blocks it.
+    """
+
+    TICK_S = 0.5
+    STATUS_EVERY_TICKS = 20  # STATUS=, model rows and account figures: every 10 s
+    DISK_EVERY_TICKS = 120  # free disk space: every minute
+
+    def __init__(self, settings: Settings, clock: Clock, notifier: Notifier) -> None:
+        self._s = settings
+        self._clock = clock
+        self.notifier = notifier
+        self.metrics = ServiceMetrics()
+        self.alerter: Alerter | None = None
+        self.http: HttpServer | None = None
+        self.ready_sent = False
+        self.last_bar_mono: float | None = None
+        self.started_mono = clock.monotonic()
+        self._ticks = 0
+        self._broker_down = OutageTimer(settings.alerts.broker_down_s, clock)
+        self._trained_at: dict[tuple[str, str, str], datetime] = {}
+        self._account_task: asyncio.Task[None] | None = None
+        self._equity: float | None = None
+        live = settings.broker.kind != "paper"
+        speed = settings.paper.replay_bars_per_s
+        # A bar is overdue after three bar intervals live; in replay after 30 s.
+        self.stale_after_s = (
+            max(3.0 * settings.trading.timeframe_s, 120.0)
+            if live
+            else max(30.0, 3.0 / speed if speed > 0 else 0.0)
+        )
+
+    def open(self, journal: Journal) -> None:
+        """Alerts need the journal; the HTTP endpoint starts here (a busy port fails)."""
+        self.alerter = Alerter(
+            self._s.alerts,
+            record_event=journal.record_event,
+            clock=self._clock,
+            on_alert=self.metrics.alert,
+        )
+        self.alerter.start()
+        if self._s.http.enabled:
+            self.http = HttpServer.from_settings(self._s.http, self.metrics)
+            self.http.start()
+            log.info("http_listening", host=self._s.http.host, port=self.http.port)
+
+    def alert(
+        self, kind: str, message: str, details: Mapping[str, Any] | None, symbol: str | None
+    ) -> None:
+        if kind == "drift_alarm" and symbol:
+            self.metrics.drift_alarm(symbol)
+        if self.alerter is not None:
+            self.alerter.alert(kind, message, details, symbol)
+
+    def on_bar(self, bar: Bar) -> None:
+        self.last_bar_mono = self._clock.monotonic()
+        self.metrics.bar(bar.symbol)
+
+    def tick(self, daemon: Daemon) -> None:
+        """Each loop-monitor tick: health, READY, WATCHDOG; now and then status and alerts."""
+        self._ticks += 1
+        broker_up = bool(getattr(daemon.broker, "connected", True))
+        now_mono = self._clock.monotonic()
+        age = now_mono - (
+            self.last_bar_mono if self.last_bar_mono is not None else self.started_mono
+        )
+        serving = daemon.predictors.versions()
+        state = evaluate_health(
+            journal_open=daemon.journal.is_open,
+            broker_connected=broker_up,
+            feed_connected=broker_up,
+            feed_last_bar_age_s=age,
+            feed_stale_after_s=self.stale_after_s,
+            serving=serving,
+            symbols=self._s.trading.symbols,
+            now=self._clock.now(),
+            details={
+                "bars": daemon.engine.stats.bars,
+                "entries_halted": daemon.strategy.entries_halted,
+            },
+        )
+        if self.http is not None:
+            self.http.publish(state)
+        else:
+            self.metrics.set_health(state)
+        if state.ok and not self.ready_sent:
+            self.ready_sent = True
+            self.notifier.ready(f"serving {state.serving_set}; {self._status_line(daemon)}")
+        self.notifier.watchdog()
+        down = self._broker_down.update(broker_up)
+        if down is not None:
+            self.alert(
+                "broker_down",
+                f"broker disconnected for {down / 60:.0f} min; not trading meanwhile",
+                {"down_s": round(down)},
+                None,
+            )
+        if self._ticks % self.STATUS_EVERY_TICKS == 1:
+            self.notifier.status(self._status_line(daemon))
+            self._publish_models(daemon, serving)
+            if self._account_task is None or self._account_task.done():
+                self._account_task = asyncio.ensure_future(self._refresh_account(daemon))
+        if self._ticks % self.DISK_EVERY_TICKS == 1:
+            paths = [
+                Path(self._s.storage.journal_path).parent,
+                Path(self._s.storage.models_dir),
+            ]
+            problem = disk_space_alert(
+                [q for q in paths if q.exists()], self._s.alerts.disk_free_min_mb
+            )
+            if problem:
+                self.alert("disk_nearly_full", problem, None, None)
+
+    def _status_line(self, daemon: Daemon) -> str:
+        equity = f", equity {self._equity:.2f}" if self._equity is not None else ""
+        halted = daemon.strategy.entries_halted
+        return (
+            f"{daemon.engine.stats.bars} bars, {daemon.strategy.status.entries} entries"
+            f"{equity}" + (f"; entries halted: {halted}" if halted else "")
+        )
+
+    def _publish_models(self, daemon: Daemon, serving: Mapping[str, Mapping[str, str]]) -> None:
+        now = self._clock.now()
+        rows = []
+        for symbol, kinds in serving.items():
+            for kind, version in kinds.items():
+                age = None
+                if kind != "baseline":
+                    key = (symbol, kind, version)
+                    if key not in self._trained_at:
+                        try:
+                            info = daemon.store.version_info(symbol, kind, version)
+                            self._trained_at[key] = ModelStore.trained_at(info)
+                        except Exception as exc:  # noqa: BLE001 - a metric is not worth a failure
+                            log.debug("model_age_unavailable", kind=kind, error=str(exc))
+                            continue
+                    age = (now - self._trained_at[key]).total_seconds()
+                rows.append(ModelRow(symbol, kind, version, "production", age))
+        self.metrics.set_models(rows)
+
+    async def _refresh_account(self, daemon: Daemon) -> None:
+        try:
+            account = await daemon.broker.account()
+            positions = await daemon.broker.positions()
+        except Exception as exc:  # noqa: BLE001 - the broker's own paths report errors
+            log.debug("metrics_account_unavailable", error=str(exc))
+            return
+        self._equity = account.equity
+        self.metrics.set_account(account.balance, account.equity, len(positions))
+
+    def close(self, reason: str) -> None:
+        self.notifier.stopping(f"stopping: {reason}")
+        if self.http is not None:
+            self.http.stop()
+        if self.alerter is not None:
+            self.alerter.close(self._s.alerts.timeout_s)
+        if self._account_task is not None:
+            self._account_task.cancel()
+
+
 @dataclass
 class Daemon:
     """Everything one running daemon is made of, wired once."""
@@ -261,6 +433,7 @@ class Daemon:
     store: ModelStore
     models: ModelManager
     auto: AutoTrainer
+    service: Service
 
 
 async def start_daemon(
@@ -288,6 +461,10 @@ async def start_daemon(
     """
     clock = clock or SystemClock()
     live_broker = settings.broker.kind != "paper"
+    notifier = Notifier()
+    # Connecting, reconciling and loading models may take a while under systemd.
+    notifier.extend_timeout(START_STEP_TIMEOUT_S, "starting: journal, broker, models")
+    service = Service(settings, clock, notifier)
     # Bad data is refused before the journal is touched.
     if sources is None:
         sources = {} if live_broker else _replay_sources(settings)
@@ -299,6 +476,7 @@ async def start_daemon(
     except JournalError as exc:
         raise InvalidInput(str(exc)) from None
     try:
+        service.open(journal)
         mt5_live: tuple[MT5Broker, LiveFeed] | None = None
         if live_broker:
             mt5_live = await _start_live(settings, journal, clock, FeatureSpec().window)
@@ -388,6 +566,9 @@ async def start_daemon(
             baseline=lambda: MomentumBaseline(spec),
         )
         models.weights = weights
+        strategy.on_decision = service.metrics.observe_decision
+        strategy.on_order = service.metrics.order
+        strategy.on_alert = service.alert
         housekeeping = _Housekeeping(settings, journal)
         recent: dict[str, Any] = {}
         auto = AutoTrainer(
@@ -403,6 +584,8 @@ async def start_daemon(
             runner=runner,
         )
         strategy.on_scored = auto.tracker.on_bar
+        auto.alert_sink = service.alert
+        auto.on_training = service.metrics.training_run
         live = settings.broker.kind != "paper"
         engine = TradingEngine(
             feed=feed,
@@ -419,7 +602,7 @@ async def start_daemon(
             every_market_s=HOUSEKEEPING_S,
             periodic=housekeeping,
             # Paper replay: schedules run on market time, ticked by every bar.
-            after_bar=_after_bar(None if live else auto, on_bar),
+            after_bar=_after_bar(None if live else auto, service.on_bar, on_bar),
         )
         recent = engine.recent_bars
         for pos in await broker.positions():
@@ -453,8 +636,13 @@ async def start_daemon(
                     )
         auto.start(live=live)
         if settings.models.retrain_first_when_stale:
+            notifier.extend_timeout(
+                settings.autotrain.job_timeout_s * max(1, len(settings.models.enabled_kinds)),
+                "starting: retraining stale models first",
+            )
             await asyncio.to_thread(auto.wait_idle)
     except BaseException:
+        service.close("start-up failed")
         journal.close()
         raise
     return Daemon(
@@ -471,21 +659,21 @@ async def start_daemon(
         store,
         models,
         auto,
+        service,
     )
 
 
 def _after_bar(
-    auto: AutoTrainer | None, on_bar: Callable[[Bar], None] | None
-) -> Callable[[Bar], None] | None:
-    """What runs after each processed bar: the caller's hook, then the schedules' tick."""
-    if auto is None:
-        return on_bar
-    follow = on_bar
+    auto: AutoTrainer | None, *hooks: Callable[[Bar], None] | None
+) -> Callable[[Bar], None]:
+    """What runs after each processed bar: the hooks in order, then the schedules' tick."""
+    follow = [h for h in hooks if h is not None]
 
     def after(bar: Bar) -> None:
-        if follow is not None:
-            follow(bar)
-        auto.tick(bar.time)
+        for hook in follow:
+            hook(bar)
+        if auto is not None:
+            auto.tick(bar.time)
 
     return after
 
@@ -550,6 +738,11 @@ async def serve(
                 serve_commands(journal, handler, clock=daemon.clock, interval_s=command_poll_s),
                 name="commands",
             )
+        service = daemon.service
+        tasks.create(
+            loop_monitor(Service.TICK_S, service.metrics.loop_lag, lambda: service.tick(daemon)),
+            name="loop-monitor",
+        )
         stop_task = tasks.create(stop.wait(), name="stop-wait")
         await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if not run_task.done():
@@ -560,6 +753,7 @@ async def serve(
             reason = run_task.result()
     finally:
         restore_signals()
+        daemon.service.notifier.stopping(f"stopping: {reason}")
         await tasks.cancel_all()
         # Training and checks stop before the last journal lines are written.
         await asyncio.to_thread(daemon.auto.stop)
@@ -584,6 +778,7 @@ async def serve(
             )
             await daemon.broker.close()
         finally:
+            daemon.service.close(reason)
             await journal.flush()
     return EXIT_FAILURE if failure else EXIT_OK
 
@@ -877,6 +1072,10 @@ def backtest_settings(settings: Settings, plan: BacktestPlan, kinds: Sequence[st
             ),
             "models": models,
             "autotrain": settings.autotrain.model_copy(update={"enabled": plan.walk_forward}),
+            # A backtest serves no /health and posts no alerts: the live daemon may be
+            # running beside it on the same port, and simulated stops are not news.
+            "http": settings.http.model_copy(update={"enabled": False}),
+            "alerts": settings.alerts.model_copy(update={"webhook_url": None}),
             "storage": settings.storage.model_copy(
                 update={"journal_path": str(plan.journal), "models_dir": str(plan.models_dir)}
             ),
@@ -1258,6 +1457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INVALID
+    except HttpServerError as exc:
+        print(f"cannot serve /health and /metrics: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (KeyboardInterrupt, _StopRequested):
         log.info("daemon_stopped", reason="stop requested during start-up")
         return EXIT_OK

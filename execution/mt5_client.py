@@ -1108,6 +1108,11 @@ class MT5Broker:
             self.on_halt(after)
 
     @property
+    def connected(self) -> bool:
+        """Connected to the terminal and the terminal to the trade server (health, alerts)."""
+        return self._connected and self.paused is None
+
+    @property
     def halt_reason(self) -> str | None:
         return "; ".join(self.halts[k] for k in sorted(self.halts)) or None
 

@@ -405,6 +405,10 @@ class AutoTrainer:
         self._drift_retrained: set[tuple[str, str, str]] = set()
         # Market time of each (symbol, kind)'s latest training attempt, any outcome.
         self._attempted: dict[tuple[str, str], datetime] = {}
+        # Service hooks set by the daemon: alerts (kind, message, details, symbol) and
+        # each training run's outcome ("failed", "rejected", "passed", "trained").
+        self.alert_sink: Callable[[str, str, dict[str, Any], str | None], None] | None = None
+        self.on_training: Callable[[str], None] | None = None
         self._status_written = -math.inf
         self._stopped = False
         self.schedule = Schedule(self._intervals(), self._last_versions())
@@ -538,6 +542,16 @@ class AutoTrainer:
         return queued
 
     def _retrain(self, request: TrainingRequest, kind: str) -> None:
+        key = (request.symbol, kind)
+        before = self.outcomes.get(key)
+        try:
+            self._retrain_once(request, kind)
+        finally:
+            after = self.outcomes.get(key)
+            if after is not None and after is not before and self.on_training is not None:
+                self.on_training(str(after.get("outcome")))
+
+    def _retrain_once(self, request: TrainingRequest, kind: str) -> None:
         symbol = request.symbol
         if self._stopped:
             return
@@ -1025,6 +1039,13 @@ class AutoTrainer:
         return why
 
     def _alert(self, kind: str, message: str, details: Mapping[str, Any]) -> None:
+        symbol = details.get("symbol")
+        if self.alert_sink is not None:
+            # The daemon's alerter journals, logs and (rate-limited) posts the webhook.
+            self.alert_sink(
+                kind, message, dict(details), symbol if isinstance(symbol, str) else None
+            )
+            return
         self._journal.record_event("error", kind, message, dict(details))
         log.error(kind, message=message)
 

@@ -43,6 +43,8 @@ log = structlog.get_logger(__name__)
 
 CRASH_ENV = "SCALPER_CRASH_AT"
 ENTRIES_STATE_KEY = "strategy.entries"
+# Entry blocks an operator must hear about (alerts), beyond the journal's warning.
+ALERT_BLOCK_CODES = frozenset({"halted", "daily_loss", "kill_switch"})
 RECENT_ROWS = 512  # longer than any sequence model's window
 
 
@@ -146,6 +148,10 @@ class ScalpingStrategy:
         self._last_warned = False
         self.entries_halted: str | None = None  # set by operational errors / shutdown
         self.status = StrategyStatus()
+        # Service hooks (metrics and alerts), set by the daemon; each must be cheap.
+        self.on_decision: Callable[[float], None] | None = None  # seconds
+        self.on_order: Callable[[str], None] | None = None  # retcode name
+        self.on_alert: Callable[[str, str, dict[str, object], str | None], None] | None = None
 
     # -- bars -------------------------------------------------------------------------
 
@@ -178,7 +184,10 @@ class ScalpingStrategy:
         if canary:
             # A canary's candidate must answer before the decision it takes part in.
             shadow_result = predict_all(shadow, row, {}, self._timer, self._spec.hash)
-        self.status.decision_us.append((self._timer() - t0) / 1000.0)
+        decision_us = (self._timer() - t0) / 1000.0
+        self.status.decision_us.append(decision_us)
+        if self.on_decision is not None:
+            self.on_decision(decision_us / 1e6)
         self._report_failures(bar, result)
         positions = await self._broker.positions()
         await self._manage_exits(bar, result, [p for p in positions if p.symbol == bar.symbol])
@@ -459,6 +468,9 @@ class ScalpingStrategy:
             self._journal.record_event(
                 "warning", "entries_blocked", f"{bar.symbol}: {reason}", {"code": code}
             )
+            if code in ALERT_BLOCK_CODES and self.on_alert is not None:
+                kind = "daily_loss_stop" if code == "daily_loss" else "trading_halted"
+                self.on_alert(kind, f"{bar.symbol}: {reason}", {"code": code}, bar.symbol)
         elif self._last_warned and not reason:
             log.info("entries_resumed", symbol=bar.symbol)
             self._journal.record_event("info", "entries_resumed", f"{bar.symbol}: entries allowed")
@@ -477,6 +489,8 @@ class ScalpingStrategy:
         result: OrderResult,
     ) -> None:
         req = result.request
+        if self.on_order is not None:
+            self.on_order(retcode_name(result.retcode))
         self._journal.record_order(
             time=self._clock.now(),
             client_order_id=result.client_order_id,
