@@ -33,7 +33,7 @@ from market_data.bars import Bar
 from market_data.feeds import FrameSource, ReplayFeed
 from market_data.loaders import DataFileError, load_bars
 from market_data.mt5_feed import LiveFeed, fetch_history_bars
-from market_data.synthetic import SyntheticMarket
+from market_data.synthetic import paper_market
 from ml import cli_models
 from ml.auto_trainer import AUTOTRAIN_STATE_KEY, AutoTrainer, InlineRunner, Runner
 from ml.model_manager import ModelManager
@@ -67,7 +67,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
 
-SYNTHETIC_BASE_PRICES = {"EURUSD": 1.10, "GBPUSD": 1.27, "XAUUSD": 2050.0}
 # systemd start-up budget per long step (EXTEND_TIMEOUT_USEC), seconds.
 START_STEP_TIMEOUT_S = 300.0
 
@@ -89,14 +88,14 @@ def _replay_sources(settings: Settings) -> dict[str, FrameSource]:
         start = parse_iso_utc(settings.paper.synthetic_start)
         for index, symbol in enumerate(symbols):
             spec = settings.symbols[symbol]
-            market = SyntheticMarket(
-                symbol=symbol,
-                seed=settings.paper.synthetic_seed * 1000 + index,
+            market = paper_market(
+                symbol,
+                index=index,
+                seed=settings.paper.synthetic_seed,
                 start=start,
                 timeframe_s=timeframe_s,
-                base_price=SYNTHETIC_BASE_PRICES.get(symbol, 1.0),
                 point=spec.point,
-                base_spread_points=max(1, spec.default_spread_points),
+                default_spread_points=spec.default_spread_points,
             )
             sources[symbol] = market.iter_frames
         return sources
@@ -883,14 +882,14 @@ def _backtest_frame(
         origin = parse_iso_utc(settings.paper.synthetic_start)
         last = end or origin + timedelta(days=SYNTHETIC_BACKTEST_DAYS)
         spec = settings.symbols[symbol]
-        market = SyntheticMarket(
-            symbol=symbol,
-            seed=settings.paper.synthetic_seed * 1000,  # a paper run's first symbol
+        market = paper_market(
+            symbol,
+            index=0,  # a paper run's first symbol
+            seed=settings.paper.synthetic_seed,
             start=origin,
             timeframe_s=TIMEFRAME_SECONDS[tf],
-            base_price=SYNTHETIC_BASE_PRICES.get(symbol, 1.0),
             point=spec.point,
-            base_spread_points=max(1, spec.default_spread_points),
+            default_spread_points=spec.default_spread_points,
         )
         parts = []
         for chunk in market.iter_frames():
@@ -1198,13 +1197,38 @@ def cmd_backtest(settings: Settings, args: argparse.Namespace, *, out: TextIO) -
     for line in [models_line, *plan.notes]:
         print(f"  {line}", file=out)
     run_settings = backtest_settings(settings, plan, kinds)
+    if settings.logging.level != "DEBUG":
+        # Simulated halts and stops are journaled (the report lists them); on the
+        # terminal they would only bury the progress bar and the summary.
+        configure_logging("CRITICAL", settings.logging.format)
     progress = _BacktestProgress(plan.bars, "backtest")
     try:
         code = asyncio.run(run_backtest(run_settings, plan, on_bar=progress))
     finally:
         progress.close()
     print(f"journal: {plan.journal}", file=out)
+    from ml.report import ReportError, build_report  # lazy: matplotlib stays out of `run`
+
+    try:
+        result = build_report(plan.journal, bars={plan.symbol: plan.frame})
+    except ReportError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return code or EXIT_FAILURE
+    print(result.summary, file=out)
     return code
+
+
+def cmd_report(journal: Path, out_path: Path | None, *, out: TextIO) -> int:
+    """An HTML report (charts embedded, no network needed) and a one-screen summary."""
+    from ml.report import ReportError, build_report  # lazy: matplotlib stays out of `run`
+
+    try:
+        result = build_report(journal, out_path, auto_bars=True)
+    except ReportError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID
+    print(result.summary, file=out)
+    return EXIT_OK
 
 
 # -- status -----------------------------------------------------------------------------
@@ -1393,6 +1417,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--journal", type=Path, default=None, help="journal file to read")
     status.add_argument("--check", action="store_true", help="run PRAGMA integrity_check")
     cli_models.add_parsers(sub)
+    report = sub.add_parser("report", help="HTML report and summary of a journal")
+    report.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
+    report.add_argument("--journal", type=Path, default=None, help="journal file to report on")
+    report.add_argument("--out", type=Path, default=None, help="HTML file to write")
     backtest = sub.add_parser(
         "backtest", help="replay history through the daemon's kernel (own journal and report)"
     )
@@ -1436,6 +1464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cli_models.run(settings, args, out=sys.stdout, clock=SystemClock())
         if command == "backtest":
             return cmd_backtest(settings, args, out=sys.stdout)
+        if command == "report":
+            path = args.journal or Path(settings.storage.journal_path)
+            return cmd_report(path, args.out, out=sys.stdout)
     except InvalidInput as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INVALID

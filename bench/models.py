@@ -57,9 +57,8 @@ from typing import Any
 import numpy as np
 
 from config.settings import Settings, load_settings
-from main import SYNTHETIC_BASE_PRICES
 from market_data.bars import Bar, iter_bars
-from market_data.synthetic import SyntheticMarket
+from market_data.synthetic import SyntheticMarket, paper_market
 from ml.model_manager import TRAINING_ORDER, seed_param
 from ml.predictor_map import PredictorMap
 from ml.serving import OnnxPredictor
@@ -229,14 +228,14 @@ def _settings(quick: bool) -> Settings:
 def _market(settings: Settings) -> SyntheticMarket:
     """The daemon's own synthetic market for the first symbol (same seed, price, spread)."""
     spec = settings.symbols[SYMBOL]
-    return SyntheticMarket(
-        symbol=SYMBOL,
-        seed=settings.paper.synthetic_seed * 1000,
+    return paper_market(
+        SYMBOL,
+        index=0,
+        seed=settings.paper.synthetic_seed,
         start=parse_iso_utc(settings.paper.synthetic_start),
         timeframe_s=settings.trading.timeframe_s,
-        base_price=SYNTHETIC_BASE_PRICES.get(SYMBOL, 1.0),
         point=spec.point,
-        base_spread_points=max(1, spec.default_spread_points),
+        default_spread_points=spec.default_spread_points,
     )
 
 

@@ -440,3 +440,33 @@ def _solve_lean(
         prev = base[i] + lean[i] * prev / (abs(prev) + wicks[i])
         out[i] = prev
     return out
+
+
+# Starting prices of the paper replay's synthetic markets (others start at 1.0).
+BASE_PRICES: dict[str, float] = {"EURUSD": 1.10, "GBPUSD": 1.27, "XAUUSD": 2050.0}
+
+
+def paper_market(
+    symbol: str,
+    *,
+    index: int,
+    seed: int,
+    start: datetime,
+    timeframe_s: int,
+    point: float,
+    default_spread_points: int,
+) -> SyntheticMarket:
+    """The synthetic market a paper replay trades for its ``index``-th symbol.
+
+    One definition for the daemon, backtests and reports: a report rebuilds a
+    replay's bars from the journaled settings, so all three must make the same.
+    """
+    return SyntheticMarket(
+        symbol=symbol,
+        seed=seed * 1000 + index,
+        start=start,
+        timeframe_s=timeframe_s,
+        base_price=BASE_PRICES.get(symbol, 1.0),
+        point=point,
+        base_spread_points=max(1, default_spread_points),
+    )

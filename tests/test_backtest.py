@@ -280,5 +280,13 @@ def test_cli_backtest_on_synthetic_data_prints_the_journal_under_data_backtests(
     assert "the baseline predictor trades" in out
     journals = list((tmp_path / "data" / "backtests").glob("*.sqlite3"))
     assert len(journals) == 1 and f"journal: {Path('data/backtests') / journals[0].name}" in out
+    html = journals[0].with_suffix(".html")
+    assert html.is_file() and f"report    {Path('data/backtests') / html.name}" in out
     assert main(["backtest", "--symbol", "EURUSD", "--data", "nope.csv"]) == 2
     assert "nope.csv" in capsys.readouterr().err
+    # `report` makes one for any journal, e.g. again with another name.
+    again = tmp_path / "again.html"
+    assert main(["report", "--journal", str(journals[0]), "--out", str(again)]) == 0
+    assert again.is_file() and "closed trades" in capsys.readouterr().out
+    assert main(["report", "--journal", "missing.sqlite3"]) == 2
+    assert "missing.sqlite3" in capsys.readouterr().err
