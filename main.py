@@ -601,7 +601,8 @@ async def start_daemon(
             every_market_s=HOUSEKEEPING_S,
             periodic=housekeeping,
             # Paper replay: schedules run on market time, ticked by every bar.
-            after_bar=_after_bar(None if live else auto, service.on_bar, on_bar),
+            # A backtest without training (train=False) has no schedule or trial to tick.
+            after_bar=_after_bar(None if live or not train else auto, service.on_bar, on_bar),
         )
         recent = engine.recent_bars
         for pos in await broker.positions():
@@ -979,8 +980,10 @@ def plan_backtest(
                 f"({warmup:,} wanted): the first bars may not trade"
             )
         replay_after = {symbol: times.iloc[before - 1].to_pydatetime()}
-        traded = frame.iloc[before:]
         warmup = min(before, warmup)
+        # Only the warm-up (or first training window) before --from is ever read.
+        frame = frame.iloc[before - warmup :].reset_index(drop=True)
+        traded = frame.iloc[warmup:]
     else:
         if first is not None:
             notes.append(f"--from {start} is before the data starts ({times.iloc[0]})")
@@ -1043,12 +1046,20 @@ def _copy_production_models(
         )
         versions[kind] = info.version
         window = live.manifest(plan.symbol, kind, info.version).get("training_window") or {}
-        trained_to = window.get("last") if isinstance(window, dict) else None
-        if trained_to and parse_iso_utc(str(trained_to)) >= plan.trade_from:
-            warnings.append(
-                f"{kind} {info.version} was trained on bars up to {trained_to}, inside the "
-                "backtest period: its results there are in-sample (use --walk-forward)"
-            )
+        if isinstance(window, dict) and window.get("first") and window.get("last"):
+            first = parse_iso_utc(str(window["first"]))
+            last = parse_iso_utc(str(window["last"]))
+            if first <= plan.trade_to and last >= plan.trade_from:
+                warnings.append(
+                    f"{kind} {info.version} was trained on bars from {window['first']} to "
+                    f"{window['last']}, overlapping the backtest period: its results there "
+                    "are in-sample (use --walk-forward)"
+                )
+            elif first > plan.trade_to:
+                warnings.append(
+                    f"{kind} {info.version} was trained on later bars ({window['first']} "
+                    f"to {window['last']}): it knows the future of this period"
+                )
     return versions, warnings
 
 

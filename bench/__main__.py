@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import autotrain, decision, drift, models
+from bench import autotrain, backtest, decision, drift, models
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append(autotrain.render(auto))
         for line in autotrain.summary_lines(auto):
             print(line)
+        section = backtest.run(args.quick)
+        sections.append(section)
+        print(section.split("### Throughput", 1)[0].strip())
         # Last: its naive variant imports scikit-learn, xgboost and torch into this process.
         model_results = asyncio.run(models.run(Path(tmp) / "models-bench", quick=args.quick))
         sections.append(models.render(model_results))
