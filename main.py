@@ -1172,6 +1172,10 @@ class _BacktestProgress:
 
 
 def cmd_backtest(settings: Settings, args: argparse.Namespace, *, out: TextIO) -> int:
+    if settings.logging.level != "DEBUG":
+        # Loading, simulated halts and stops are in the plan lines and the journal (the
+        # report lists them); on the terminal they would bury the progress bar.
+        configure_logging("CRITICAL", settings.logging.format)
     plan = plan_backtest(
         settings,
         symbol=args.symbol,
@@ -1208,10 +1212,6 @@ def cmd_backtest(settings: Settings, args: argparse.Namespace, *, out: TextIO) -
     for line in [models_line, *plan.notes]:
         print(f"  {line}", file=out)
     run_settings = backtest_settings(settings, plan, kinds)
-    if settings.logging.level != "DEBUG":
-        # Simulated halts and stops are journaled (the report lists them); on the
-        # terminal they would only bury the progress bar and the summary.
-        configure_logging("CRITICAL", settings.logging.format)
     progress = _BacktestProgress(plan.bars, "backtest")
     try:
         code = asyncio.run(run_backtest(run_settings, plan, on_bar=progress))
