@@ -184,6 +184,8 @@ class ModelManager:
         self, symbol: str, kind: str, predictor: OnnxPredictor, info: VersionInfo
     ) -> None:
         """On the loop thread: prime the window with recent rows, then swap."""
+        # The stage it serves at: a candidate is loaded and warmed before its promotion.
+        predictor.stage = info.stage
         self.prime(symbol, predictor)
         self.weights[kind] = self.weight_of(kind, info)
         self.retire(self._predictors.swap(symbol, kind, predictor))

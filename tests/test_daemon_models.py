@@ -125,6 +125,11 @@ def test_first_start_trains_every_kind_then_serves_them_and_restart_loads_from_s
         aliases = (tmp_path / "models" / "EURUSD" / kind / "aliases.json").read_text("utf-8")
         assert '"production": "1.0.0"' in aliases
 
+    # The first models were loaded before their promotion; they serve as production.
+    stages = query(
+        journal, "SELECT DISTINCT model, stage FROM predictions WHERE model != 'baseline'"
+    )
+    assert sorted(stages) == sorted((k, "production") for k in KINDS)
     # Second start: the store serves, nothing is retrained.
     serving_again = asyncio.run(run_once(settings, 50))
     assert serving_again == dict.fromkeys(KINDS, "1.0.0")
