@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -69,6 +70,8 @@ EXIT_INVALID = 2
 
 # systemd start-up budget per long step (EXTEND_TIMEOUT_USEC), seconds.
 START_STEP_TIMEOUT_S = 300.0
+# On a stop request, how long the bar in progress (and the final journal flush) may take.
+SHUTDOWN_BAR_TIMEOUT_S = 30.0
 
 
 class InvalidInput(Exception):
@@ -278,6 +281,8 @@ class Service:
         self._trained_at: dict[tuple[str, str, str], datetime] = {}
         self._account_task: asyncio.Task[None] | None = None
         self._equity: float | None = None
+        self._strategy: ScalpingStrategy | None = None
+        self._halts: dict[str, str] = {}  # source -> why new entries are stopped
         live = settings.broker.kind != "paper"
         speed = settings.paper.replay_bars_per_s
         # A bar is overdue after three bar intervals live; in replay after 30 s.
@@ -300,6 +305,27 @@ class Service:
             self.http = HttpServer.from_settings(self._s.http, self.metrics)
             self.http.start()
             log.info("http_listening", host=self._s.http.host, port=self.http.port)
+
+    def bind(self, strategy: ScalpingStrategy) -> None:
+        self._strategy = strategy
+
+    def halt(self, source: str, reason: str | None) -> None:
+        """Stop (or, with None, allow again) new entries for one source's reason.
+
+        Sources (the broker, the journal, shutdown) are kept apart, so the journal
+        recovering does not clear a broker halt.
+        """
+        if reason:
+            self._halts[source] = reason
+        else:
+            self._halts.pop(source, None)
+        if self._strategy is not None:
+            self._strategy.entries_halted = "; ".join(self._halts.values()) or None
+
+    def journal_write_state(self, failure: str | None) -> None:
+        """The journal's writer failing (disk full, I/O error) or recovering; on the loop."""
+        # The strategy raises the `trading_halted` alert at its next bar, with the reason.
+        self.halt("journal", failure)
 
     def alert(
         self, kind: str, message: str, details: Mapping[str, Any] | None, symbol: str | None
@@ -336,6 +362,9 @@ class Service:
                 "entries_halted": daemon.strategy.entries_halted,
             },
         )
+        failure = daemon.journal.write_failure
+        if failure:
+            state = dataclasses.replace(state, ok=False, reasons=(*state.reasons, failure))
         if self.http is not None:
             self.http.publish(state)
         else:
@@ -568,6 +597,12 @@ async def start_daemon(
         strategy.on_decision = service.metrics.observe_decision
         strategy.on_order = service.metrics.order
         strategy.on_alert = service.alert
+        service.bind(strategy)
+
+        def on_write_state(failure: str | None) -> None:  # on the journal's writer thread
+            loop.call_soon_threadsafe(service.journal_write_state, failure)
+
+        journal.on_write_state = on_write_state
         housekeeping = _Housekeeping(settings, journal)
         recent: dict[str, Any] = {}
         auto = AutoTrainer(
@@ -610,8 +645,8 @@ async def start_daemon(
         await broker.connect()
         if mt5_live is not None:
             # Broker halts (autotrading off, server clock mismatch) stop new entries.
-            mt5_live[0].on_halt = lambda reason: setattr(strategy, "entries_halted", reason)
-            strategy.entries_halted = mt5_live[0].halt_reason
+            mt5_live[0].on_halt = lambda reason: service.halt("broker", reason)
+            service.halt("broker", mt5_live[0].halt_reason)
         for symbol in settings.trading.symbols:
             models.load_production(symbol)
             for kind in settings.models.enabled_kinds:
@@ -634,6 +669,10 @@ async def start_daemon(
                         reason=reason,
                         rows=rows,
                     )
+        if settings.autotrain.enabled and settings.models.enabled_kinds:
+            # The first drift check would import scipy (about 1 s) on the checks thread
+            # and stall the loop; pay it now, before the first bar.
+            import ml.drift  # noqa: F401
         auto.start(live=live)
         if settings.models.retrain_first_when_stale:
             notifier.extend_timeout(
@@ -747,8 +786,13 @@ async def serve(
         await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if not run_task.done():
             # A signal: the bar in progress finishes; no new entries from here on.
-            strategy.entries_halted = "shutting down"
-            await asyncio.wait({run_task})
+            daemon.service.halt("shutdown", "shutting down")
+            _, pending = await asyncio.wait({run_task}, timeout=SHUTDOWN_BAR_TIMEOUT_S)
+            if pending:
+                # A bar stuck on a journal that cannot write (disk full): give up on it.
+                log.error("shutdown_bar_abandoned", timeout_s=SHUTDOWN_BAR_TIMEOUT_S)
+                run_task.cancel()
+                await asyncio.wait({run_task})
         if not failure and not run_task.cancelled() and run_task.exception() is None:
             reason = run_task.result()
     finally:
@@ -779,7 +823,11 @@ async def serve(
             await daemon.broker.close()
         finally:
             daemon.service.close(reason)
-            await journal.flush()
+            try:
+                await asyncio.wait_for(journal.flush(), SHUTDOWN_BAR_TIMEOUT_S)
+            except TimeoutError:
+                # Writes stay queued; Journal.close retries them, then reports what failed.
+                log.error("journal_flush_timed_out", timeout_s=SHUTDOWN_BAR_TIMEOUT_S)
     return EXIT_FAILURE if failure else EXIT_OK
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import autotrain, backtest, decision, drift, models
+from bench import autotrain, backtest, decision, drift, faults, models, soak
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,6 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         auto = asyncio.run(autotrain.run(Path(tmp) / "autotrain-bench", quick=args.quick))
         sections.append(autotrain.render(auto))
         for line in autotrain.summary_lines(auto):
+            print(line)
+        seed = 20240607
+        store_kills, daemon_kills = faults.run(
+            Path(tmp) / "faults",
+            store_n=20 if args.quick else 200,
+            daemon_n=6 if args.quick else 25,
+            seed=seed,
+        )
+        sections.append(faults.render(store_kills, daemon_kills, seed=seed))
+        for line in faults.summary_lines(store_kills, daemon_kills):
+            print(line)
+        soaked = soak.run(Path(tmp) / "soak", quick=args.quick)
+        sections.append(soak.render(soaked))
+        for line in soak.summary_lines(soaked):
             print(line)
         section = backtest.run(args.quick)
         sections.append(section)

@@ -565,6 +565,8 @@ def _format_errors(exc: ValidationError, path: Path, environ: Mapping[str, str])
             )
         got = err.get("input")
         got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        if tuple(str(p) for p in loc[:2]) in ENV_ONLY_KEYS and got_text:
+            got_text = " (the value is not shown: it is a secret)"
         lines.append(f"{source}: {key + ': ' if key else ''}{msg}{got_text}")
     return "\n".join(lines)
 

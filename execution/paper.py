@@ -41,6 +41,7 @@ Fill model (every choice errs against the trader where the bar cannot tell):
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -135,6 +136,7 @@ class PaperBroker:
         commission_per_lot: float = 0.0,
         timeframe_s: int = 60,
         default_spread_points: Mapping[str, int] | None = None,
+        history_max_deals: int = 10_000,
     ) -> None:
         if leverage < 1:
             raise ValueError(f"paper broker: leverage must be >= 1 (got {leverage})")
@@ -146,6 +148,10 @@ class PaperBroker:
             )
         if timeframe_s <= 0:
             raise ValueError(f"paper broker: timeframe_s must be > 0 (got {timeframe_s})")
+        if history_max_deals < 1:
+            raise ValueError(
+                f"paper broker: history_max_deals must be >= 1 (got {history_max_deals})"
+            )
         for symbol, spec in specs.items():
             if account_currency not in (spec.profit_currency, spec.base_currency):
                 raise ValueError(
@@ -164,7 +170,9 @@ class PaperBroker:
         self._default_spread = dict(default_spread_points or {})
         self._last: dict[str, Bar] = {}
         self._positions: dict[int, _OpenPosition] = {}
-        self._history: list[Deal] = []
+        # The latest closing deals of this process (the journal is the durable history):
+        # bounded, so a paper daemon that runs for months does not grow with every trade.
+        self._history: deque[Deal] = deque(maxlen=history_max_deals)
         self._closed: list[Deal] = []
         self._next_position_id = 1
         self._next_deal_id = 1
@@ -292,7 +300,11 @@ class PaperBroker:
         ]
 
     async def history_deals(self, since: datetime, until: datetime) -> list[Deal]:
-        """Closing deals (SL, TP and our own closes) with ``since <= time < until``."""
+        """Closing deals (SL, TP and our own closes) with ``since <= time < until``.
+
+        Only this process's latest ``history_max_deals`` deals: after a restart the
+        journal, not the paper broker, holds the history.
+        """
         return [d for d in self._history if since <= d.time < until]
 
     async def drain_closed_deals(self) -> list[Deal]:

@@ -5,6 +5,10 @@ speed through the ``Clock``, symbols merged in time order, and can resume after
 the last bar a previous run processed. ``PollingFeed`` is the live interface for
 brokers that are polled for newly closed bars (MT5): it emits each new bar once,
 in order, and backfills bars that closed while it was not looking.
+
+Both keep a :class:`FeedHealth`: when the newest bar came (clock time), how long
+the feed has been silent, the longest silence, and the bars backfilled after a
+stall or missed for good; the health check's "feed fresh" rule reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,52 @@ from market_data.bars import Bar
 from utils.clock import Clock
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass
+class FeedHealth:
+    """How fresh a feed is: what a health check and ``status`` need to see a stall.
+
+    Times are the feed clock's: ``last_bar_monotonic`` (``clock.monotonic()``) and
+    ``last_bar_wall_time`` (``clock.now()``) when the newest bar was emitted,
+    ``last_bar_time`` that bar's market (open) time.
+    """
+
+    started_monotonic: float | None = None
+    last_bar_monotonic: float | None = None
+    last_bar_wall_time: datetime | None = None
+    last_bar_time: datetime | None = None
+    bars: int = 0
+    missed: int = 0  # bars the source never delivered: counted, never invented
+    backfilled: int = 0  # bars delivered late, in a burst after a stall
+    longest_gap_s: float = 0.0  # longest silence between two deliveries (clock seconds)
+
+    def stalled_for_s(self, now_monotonic: float) -> float | None:
+        """Seconds since the newest bar (since the start when none came); None before start."""
+        ref = self.last_bar_monotonic
+        if ref is None:
+            ref = self.started_monotonic
+        return None if ref is None else max(0.0, now_monotonic - ref)
+
+    def started(self, clock: Clock) -> None:
+        if self.started_monotonic is None:
+            self.started_monotonic = clock.monotonic()
+
+    def delivered(self, bars: Sequence[Bar], clock: Clock) -> None:
+        """Record one delivery (a bar, or a burst of bars that came together)."""
+        if not bars:
+            return
+        now = clock.monotonic()
+        silent = self.stalled_for_s(now)
+        if silent is not None:
+            self.longest_gap_s = max(self.longest_gap_s, silent)
+        self.last_bar_monotonic = now
+        self.last_bar_wall_time = clock.now()
+        newest = max(b.time for b in bars)
+        if self.last_bar_time is None or newest > self.last_bar_time:
+            self.last_bar_time = newest
+        self.bars += len(bars)
+
 
 # Yields a symbol's history as successive frames (canonical columns, time ordered):
 # one frame for a file, endless chunks for the synthetic market.
@@ -159,6 +209,7 @@ class ReplayFeed:
             self._streams[symbol] = stream
         self._history.sort(key=lambda b: (b.time, b.symbol))
         self.emitted = 0
+        self.health = FeedHealth()
 
     def history(self) -> list[Bar]:
         """Bars before the replay start (oldest first, symbols merged by time)."""
@@ -168,6 +219,7 @@ class ReplayFeed:
         """Closed bars in time order; bars of one timestamp come together."""
         interval = 1.0 / self._bars_per_s if self._bars_per_s > 0 else 0.0
         started = self._clock.monotonic()
+        self.health.started(self._clock)
         steps = 0
         while True:
             heads = {s: t for s, st in self._streams.items() if (t := st.head_ns()) is not None}
@@ -182,7 +234,9 @@ class ReplayFeed:
             steps += 1
             for symbol in sorted(s for s, t in heads.items() if t == now_ns):
                 self.emitted += 1
-                yield self._streams[symbol].pop()
+                bar = self._streams[symbol].pop()
+                self.health.delivered((bar,), self._clock)
+                yield bar
 
 
 class BarFeed(Protocol):
@@ -203,9 +257,10 @@ class PollingFeed:
     """Polls a broker for newly closed bars and emits each exactly once, in order.
 
     After a stall (terminal busy, connection lost) the next poll asks for enough
-    bars to cover the gap, so bars that closed meanwhile are backfilled; bars the
-    broker does not have (no ticks, or beyond ``max_backfill``) are counted in
-    ``missed``.
+    bars to cover the gap, so bars that closed meanwhile are backfilled (counted in
+    ``health.backfilled``); bars the broker does not have (no ticks, or beyond
+    ``max_backfill``) are counted in ``missed``. ``health.stalled_for_s`` shows a
+    stall while it lasts.
     """
 
     def __init__(
@@ -227,10 +282,18 @@ class PollingFeed:
         self._max_backfill = max_backfill
         self._last: dict[str, datetime | None] = {s: None for s in symbols}
         self._last.update(last_seen or {})
-        self.missed = 0
-        self.last_bar_monotonic: float | None = None
+        self.health = FeedHealth()
+
+    @property
+    def missed(self) -> int:
+        return self.health.missed
+
+    @property
+    def last_bar_monotonic(self) -> float | None:
+        return self.health.last_bar_monotonic
 
     async def poll_once(self) -> list[Bar]:
+        self.health.started(self._clock)
         out: list[Bar] = []
         for symbol in self._symbols:
             last = self._last[symbol]
@@ -254,13 +317,17 @@ class PollingFeed:
                     )
                     previous = bar.time
                 if gap:
-                    self.missed += gap
+                    self.health.missed += gap
                     log.warning("bars_missed", symbol=symbol, missed=gap, after=str(last))
             if bars:
                 self._last[symbol] = bars[-1].time
-                self.last_bar_monotonic = self._clock.monotonic()
+                if last is not None and len(bars) > 1:
+                    # All but the newest closed while nobody looked: a stall, now backfilled.
+                    self.health.backfilled += len(bars) - 1
+                    log.info("bars_backfilled", symbol=symbol, bars=len(bars) - 1, after=str(last))
             out.extend(bars)
         out.sort(key=lambda b: (b.time, b.symbol))
+        self.health.delivered(out, self._clock)
         return out
 
     async def bars(self) -> AsyncGenerator[Bar, None]:

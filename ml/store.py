@@ -263,6 +263,22 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def _mkdir_private(directory: Path) -> None:
+    """Create ``directory`` and its missing parents owner-only (0700 on POSIX).
+
+    Model files are the operator's property (and reveal the strategy): the store's
+    directories admit nobody else. Directories that exist already are left alone.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for created in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            created.mkdir(mode=0o700)
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable (a no-op on Windows, which cannot)."""
     if os.name == "nt":
@@ -310,13 +326,19 @@ def _write_json(path: Path, obj: object) -> None:
     """
     data = _dumps(obj, sort_keys=False)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        _crash_point("json.tmp_written")
-        os.fsync(handle.fileno())
-    _crash_point("json.tmp_fsynced")
-    _replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            _crash_point("json.tmp_written")
+            os.fsync(handle.fileno())
+        _crash_point("json.tmp_fsynced")
+        _replace(tmp, path)
+    except OSError:
+        # Disk full or an I/O error: the old file stays in force; leave no half copy.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _crash_point("json.replaced")
     _fsync_dir(path.parent)
     _crash_point("json.dir_fsynced")
@@ -464,7 +486,7 @@ class ModelStore:
         :class:`StoreLockedError`.
         """
         kdir = self.kind_dir(symbol, kind)
-        kdir.mkdir(parents=True, exist_ok=True)
+        _mkdir_private(kdir)
         # is_singleton: one lock object per path in this process, so nested use by
         # two store objects in one thread is reentrant instead of a self-deadlock.
         file_lock = filelock.FileLock(kdir / LOCK_NAME, is_singleton=True)
@@ -891,12 +913,12 @@ class ModelStore:
         :meth:`discard_draft`; if the process dies, the draft becomes a leftover.
         """
         kdir = self.kind_dir(symbol, kind)
-        kdir.mkdir(parents=True, exist_ok=True)
+        _mkdir_private(kdir)
         draft = kdir / f"{DRAFT_PREFIX}{uuid.uuid4().hex}"
         draft_lock = filelock.FileLock(draft.with_name(draft.name + ".lock"))
         draft_lock.acquire(timeout=0)
         try:
-            draft.mkdir()
+            draft.mkdir(mode=0o700)
         except BaseException:
             draft_lock.release()
             raise
@@ -993,9 +1015,12 @@ class ModelStore:
                 raise StoreError(f"model store: {target} already exists; versions are immutable")
 
             files: dict[str, str] = {}
-            for name in names:
-                files[name] = _sha256_file(draft / name, fsync=True)
-                _crash_point("commit.file_fsynced")
+            try:
+                for name in names:
+                    files[name] = _sha256_file(draft / name, fsync=True)
+                    _crash_point("commit.file_fsynced")
+            except OSError as exc:
+                raise _save_failed(symbol, kind, version, exc) from exc
             full: JSONDict = dict(normalized)
             full.update(
                 symbol=symbol,
@@ -1019,16 +1044,26 @@ class ModelStore:
                     _fsync_dir(sub)
                 _crash_point("commit.draft_fsynced")
                 _replace(draft, target)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     mpath.unlink()
+                if isinstance(exc, OSError):
+                    raise _save_failed(symbol, kind, version, exc) from exc
                 raise
             _crash_point("commit.renamed")
-            _fsync_dir(kdir)
-            _crash_point("commit.parent_fsynced")
-            raw = dict(state.raw_stages)
-            raw[version] = "draft"
-            _write_json(kdir / STAGES_NAME, raw)
+            try:
+                _fsync_dir(kdir)
+                _crash_point("commit.parent_fsynced")
+                raw = dict(state.raw_stages)
+                raw[version] = "draft"
+                _write_json(kdir / STAGES_NAME, raw)
+            except OSError as exc:
+                # The version is complete and in place; without its stages entry it
+                # reads as "draft" (never served), which is what it is.
+                raise StoreError(
+                    f"model store: {symbol}/{kind} {version} was saved but its stage could "
+                    f"not be recorded ({exc}); it stays a draft, no alias moved"
+                ) from exc
             events.append(
                 self._event(
                     symbol,
@@ -1441,6 +1476,14 @@ class ModelStore:
             with contextlib.suppress(OSError):
                 lock_file.unlink()
         return True
+
+
+def _save_failed(symbol: str, kind: str, version: str, exc: OSError) -> StoreError:
+    return StoreError(
+        f"model store: saving {symbol}/{kind} {version} failed ({exc}); nothing was "
+        "registered and no alias moved (free disk space; the draft is removed by the "
+        "caller or at the next start-up)"
+    )
 
 
 def _verified_info(

@@ -10,6 +10,10 @@ Ordering matters for crash safety. For each bar: the broker learns the bar
 writes are awaited), and only then is the bar recorded as processed in
 ``state``. The journal commits writes in submission order, so after a crash
 the last processed bar never runs ahead of the trades it produced.
+
+A stalled feed is visible while it lasts: ``stalled_for_s()`` is the clock time
+since the last bar was processed (the health check's "feed fresh" rule), and
+``feed_health`` the feed's own account of backfilled and missed bars.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import structlog
 from execution.broker import BarDrivenBroker, Broker, Position
 from execution.risk import RiskManager
 from market_data.bars import Bar
-from market_data.feeds import BarFeed
+from market_data.feeds import BarFeed, FeedHealth
 from strategy.scalper import CrashPoint, ScalpingStrategy
 from utils.clock import Clock, iso_utc
 from utils.trade_journal import HEARTBEAT_KEY, LAST_BAR_KEY, Journal
@@ -40,6 +44,10 @@ class EngineStats:
     bars: int = 0
     stop_reason: str = ""
     last_bar_time: datetime | None = None  # market time
+    # When the last bar was processed, on the engine's clock (monotonic and wall).
+    last_bar_monotonic: float | None = None
+    last_bar_wall_time: datetime | None = None
+    started_monotonic: float | None = None  # when run() began
 
 
 class TradingEngine:
@@ -91,6 +99,23 @@ class TradingEngine:
         self._next_periodic: datetime | None = None
         self.stats = EngineStats()
 
+    def stalled_for_s(self) -> float | None:
+        """Clock seconds since the last processed bar (since ``run`` began if none yet).
+
+        None before ``run``. A live M1 feed is fresh while this stays under about
+        one bar plus the poll interval; a replay under a few bar intervals.
+        """
+        ref = self.stats.last_bar_monotonic
+        if ref is None:
+            ref = self.stats.started_monotonic
+        return None if ref is None else max(0.0, self._clock.monotonic() - ref)
+
+    @property
+    def feed_health(self) -> FeedHealth | None:
+        """The feed's own freshness record (backfilled and missed bars), if it keeps one."""
+        health = getattr(self._feed, "health", None)
+        return health if isinstance(health, FeedHealth) else None
+
     def remember_position(self, position: Position) -> None:
         self._open[position.position_id] = position
 
@@ -121,6 +146,7 @@ class TradingEngine:
 
     async def run(self, stop: asyncio.Event) -> str:
         started = self._clock.monotonic()
+        self.stats.started_monotonic = started
         last_heartbeat = -1e18
         bars = self._feed.bars()
         try:
@@ -129,6 +155,8 @@ class TradingEngine:
                 self.stats.bars += 1
                 self.stats.last_bar_time = bar.time
                 now_mono = self._clock.monotonic()
+                self.stats.last_bar_monotonic = now_mono
+                self.stats.last_bar_wall_time = self._clock.now()
                 if now_mono - last_heartbeat >= self._heartbeat_every_s:
                     last_heartbeat = now_mono
                     self._journal.set_state(HEARTBEAT_KEY, iso_utc(self._clock.now()))

@@ -241,23 +241,31 @@ class ScalpingStrategy:
     async def close(self, pos: Position, reason: str, bar: Bar) -> OrderResult:
         coid = client_order_id(self._mode, pos.symbol, f"close{pos.position_id}", bar.time)
         result = await self._broker.close_position(pos, coid)
-        self._record_order(
-            "close", pos.side.opposite(), pos.volume, None, None, pos.position_id, result
-        )
-        if result.ok:
-            self.status.exits += 1
-            await self._journal.close_trade(
-                TradeClose(
-                    client_order_id=pos.client_order_id,
-                    close_time=result.time or bar.time,
-                    close_price=float(result.price or 0.0),
-                    close_reason=reason,
-                    profit=result.profit,
-                    commission=result.commission,
-                    swap=result.swap,
-                    bars_held=self.bars_held(pos, bar),
-                )
+        # The close order and the trade's close commit together: a crash keeps both or
+        # neither (reconciliation then finds the position closed at the broker).
+        with self._journal.atomic():
+            self._record_order(
+                "close", pos.side.opposite(), pos.volume, None, None, pos.position_id, result
             )
+            closed = (
+                self._journal.close_trade(
+                    TradeClose(
+                        client_order_id=pos.client_order_id,
+                        close_time=result.time or bar.time,
+                        close_price=float(result.price or 0.0),
+                        close_reason=reason,
+                        profit=result.profit,
+                        commission=result.commission,
+                        swap=result.swap,
+                        bars_held=self.bars_held(pos, bar),
+                    )
+                )
+                if result.ok
+                else None
+            )
+        if result.ok and closed is not None:
+            self.status.exits += 1
+            await closed
             log.info(
                 "position_closed",
                 symbol=pos.symbol,
@@ -391,7 +399,32 @@ class ScalpingStrategy:
         request = OrderRequest(coid, bar.symbol, side, size.volume, sl, tp, None, "entry")
         result_order = await self._broker.market_order(request)
         self._crash.hit("order")
-        self._record_order("open", side, size.volume, sl, tp, None, result_order)
+        if result_order.ok:
+            confidence = float(result.proba[2] if side is Side.BUY else result.proba[0])
+            model_set = ",".join(f"{o.kind}:{o.version}" for o in result.outputs)
+            if fraction < 1.0:
+                model_set += f";canary {fraction:.2f}"
+            with self._journal.atomic():
+                self._record_order("open", side, size.volume, sl, tp, None, result_order)
+                trade = self._journal.open_trade(
+                    TradeOpen(
+                        client_order_id=coid,
+                        symbol=bar.symbol,
+                        side=side.value,
+                        volume=result_order.volume or size.volume,
+                        open_time=result_order.time or bar.time,
+                        open_price=float(result_order.price or entry),
+                        sl=sl,
+                        tp=tp,
+                        broker_position_id=result_order.position_id,
+                        commission=result_order.commission,
+                        confidence=confidence,
+                        model_set=model_set,
+                        mode=self._mode,
+                    )
+                )
+        else:
+            self._record_order("open", side, size.volume, sl, tp, None, result_order)
         if not result_order.ok:
             self.status.last_skip = f"order rejected: {retcode_name(result_order.retcode)}"
             self._journal.record_event(
@@ -409,27 +442,7 @@ class ScalpingStrategy:
                 retcode_name=retcode_name(result_order.retcode),
             )
             return
-        confidence = float(result.proba[2] if side is Side.BUY else result.proba[0])
-        model_set = ",".join(f"{o.kind}:{o.version}" for o in result.outputs)
-        if fraction < 1.0:
-            model_set += f";canary {fraction:.2f}"
-        await self._journal.open_trade(
-            TradeOpen(
-                client_order_id=coid,
-                symbol=bar.symbol,
-                side=side.value,
-                volume=result_order.volume or size.volume,
-                open_time=result_order.time or bar.time,
-                open_price=float(result_order.price or entry),
-                sl=sl,
-                tp=tp,
-                broker_position_id=result_order.position_id,
-                commission=result_order.commission,
-                confidence=confidence,
-                model_set=model_set,
-                mode=self._mode,
-            )
-        )
+        await trade
         self._crash.hit("trade")
         self.status.entries += 1
         log.info(

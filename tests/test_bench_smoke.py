@@ -31,6 +31,8 @@ def test_quick_benchmarks_run_and_write_every_section(tmp_path: Path) -> None:
         "## Drift check",
         "## Auto-trainer",
         "## Backtest throughput",
+        "## Fault injection",
+        "## Soak",
         "## Models: training",
     ):
         assert title in text, title

@@ -391,43 +391,6 @@ def test_a_crash_leaves_a_prefix_of_the_submitted_writes(path: Path) -> None:
     assert got == [str(i) for i in range(len(got))]
 
 
-def test_disk_full_on_commit_fails_that_batch_and_the_journal_keeps_working(
-    journal: Journal, path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    journal.submit(insert_event("before")).result(WAIT_S)
-
-    def disk_full(_conn: sqlite3.Connection) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(journal, "_commit", disk_full)
-    doomed = [journal.submit(insert_event(f"lost {i}")) for i in range(3)]
-    for fut in doomed:
-        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
-            fut.result(WAIT_S)
-    monkeypatch.undo()
-    journal.submit(insert_event("after")).result(WAIT_S)
-    assert messages(path) == ["before", "after"]
-    assert journal.stats.batches_failed >= 1
-
-
-def test_real_sqlite_full_fails_the_batch_and_later_writes_succeed(
-    journal: Journal, path: Path
-) -> None:
-    journal.submit(insert_event("before")).result(WAIT_S)
-
-    def cap(conn: sqlite3.Connection) -> int:
-        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
-        return int(conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0])
-
-    journal.call(cap)
-    big = journal.submit(insert_event("y" * 200_000))
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        big.result(WAIT_S)
-    journal.call(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
-    journal.submit(insert_event("after")).result(WAIT_S)
-    assert messages(path) == ["before", "after"]
-
-
 def test_reader_holding_a_snapshot_does_not_block_1000_commits(
     journal: Journal, path: Path
 ) -> None:

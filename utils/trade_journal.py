@@ -12,6 +12,24 @@ a prefix of the submitted writes: if write *n* is in the file, every write
 submitted before *n* is too (except operations whose own future reported an
 error, which were rolled back and are never retried). A submitted write cannot
 be cancelled: cancelling the task that awaits it leaves the write queued.
+Writes that must never be split by a crash (an order and the trade it opened)
+go in one :meth:`Journal.atomic` block: one operation, committed together.
+
+**Write failures are retried, never dropped.** When the disk, the file system or
+another process fails a batch (disk full, I/O error, a write lock held past the
+busy timeout), the writer rolls the batch back and retries the same batch, with
+capped backoff, until it commits; writes queued meanwhile wait behind it, so the
+prefix property holds and no committed trade is lost. While it fails, the journal
+is in a queryable failing state (:attr:`Journal.write_failure`, "journal write
+failing: <reason>", and the :attr:`Journal.on_write_state` callback on every
+change) that the daemon uses to stop opening positions; once a retry commits,
+the state clears and a ``journal_write_recovered`` event records the outage.
+Only an op's own error (a constraint, an unknown trade) fails that op alone.
+``close()`` during an outage retries for ``close_timeout_s`` more, then fails
+every write still pending with :class:`JournalError`.
+
+Files are private: a new journal file (and the ``-wal``/``-shm`` files SQLite
+derives from it) is created 0600 and missing directories 0700 (POSIX).
 
 Readers (``status``, reports) use :meth:`Journal.open_reader`, a separate
 read-only connection that never blocks the writer and is never blocked by it.
@@ -22,11 +40,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
+import errno
 import json
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import UTC, datetime
@@ -46,6 +67,43 @@ Op = Callable[[sqlite3.Connection], T]
 APPLICATION_ID: Final = 0x5343414C  # "SCAL": marks a file as this daemon's journal
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS: Final = 5000
+# SQLite primary result codes of failures outside the batch's own ops (the disk, the
+# file system, another process holding a lock): such a batch is retried, never dropped.
+_ENVIRONMENT_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+_ENVIRONMENT_ERRNOS: Final = frozenset(
+    code
+    for code in (
+        errno.ENOSPC,
+        errno.EIO,
+        errno.EROFS,
+        errno.ENOMEM,
+        errno.EACCES,
+        getattr(errno, "EDQUOT", None),
+    )
+    if code is not None
+)
+# The same failures by their message, for errors raised without a result code.
+_ENVIRONMENT_TEXT: Final = (
+    "database or disk is full",
+    "disk i/o error",
+    "database is locked",
+    "database table is locked",
+    "unable to open database file",
+    "readonly database",
+    "out of memory",
+    "locking protocol",
+)
 HEARTBEAT_KEY: Final = "daemon.heartbeat"
 # ``state`` key prefix: + symbol -> open time of the last bar the daemon processed.
 LAST_BAR_KEY: Final = "feed.last_bar_time."
@@ -342,8 +400,9 @@ class JournalStats:
     batches_committed: int
     ops_committed: int
     ops_failed: int
-    batches_failed: int
+    batches_failed: int  # failed attempts at a batch (each one retried until it commits)
     queued: int
+    write_failure: str | None = None  # "journal write failing: <reason>" while it lasts
 
 
 # -- file checks ----------------------------------------------------------------------
@@ -442,6 +501,21 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
 def backup_path(path: Path, version: int) -> Path:
     """Where the copy taken before migrating a version-``version`` journal goes."""
     return path.with_name(f"{path.name}.v{version}.bak")
+
+
+def _mkdir_private(directory: Path) -> None:
+    """Create ``directory`` and its missing parents owner-only (0700 on POSIX).
+
+    Directories that exist already are left as they are (they may be shared).
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for created in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            created.mkdir(mode=0o700)
 
 
 def _create_private(path: Path) -> None:
@@ -746,12 +820,57 @@ class _Stop:
     """Queue sentinel: everything queued before it is written, then the writer stops."""
 
 
-class _BatchAborted(Exception):
-    """SQLite rolled the whole batch transaction back (disk full, I/O error)."""
+class _BatchFailed(Exception):
+    """The batch was rolled back for a reason outside its ops; ``args[0]`` is the cause."""
+
+
+def _environment_failure(exc: BaseException) -> bool:
+    """True for a failure of the disk, the file system or another process, not of one op."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _ENVIRONMENT_ERRNOS
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _ENVIRONMENT_CODES
+        text = str(exc).lower()
+        return any(part in text for part in _ENVIRONMENT_TEXT)
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {text}"
+
+
+@dataclass(slots=True)
+class _Failure:
+    reason: str
+    since: datetime  # clock time of the first failed attempt
+    since_mono: float  # time.monotonic() of it: outage durations are real time
+    attempts: int
 
 
 def _noop(_conn: sqlite3.Connection) -> None:
     return None
+
+
+@dataclass(slots=True)
+class _Group:
+    journal: Journal
+    items: list[_Item]
+
+
+# The open ``Journal.atomic()`` block of this task (or thread), if any.
+_GROUP: contextvars.ContextVar[_Group | None] = contextvars.ContextVar(
+    "journal_atomic_group", default=None
+)
+
+
+def _in_group(journal: Journal) -> bool:
+    group = _GROUP.get()
+    return group is not None and group.journal is journal
 
 
 class Journal:
@@ -762,16 +881,39 @@ class Journal:
     The writer takes the first queued op plus whatever else is already queued, at
     most ``batch_max`` ops, runs each under its own SAVEPOINT (a failing op is
     rolled back alone and its future gets the exception) and commits them in one
-    transaction. A failed commit (disk full, I/O error) fails that batch's futures
-    and is rolled back; later writes go on normally.
+    transaction. A batch failed by the environment (disk full, I/O error, a lock
+    held past ``busy_timeout_ms``) is rolled back and retried, backing off from
+    ``retry_backoff_s[0]`` to ``retry_backoff_s[1]`` seconds, until it commits;
+    meanwhile :attr:`write_failure` says why and :attr:`on_write_state` is told.
     """
 
-    def __init__(self, path: Path | str, *, clock: Clock, batch_max: int = 500) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        clock: Clock,
+        batch_max: int = 500,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        retry_backoff_s: tuple[float, float] = (0.05, 5.0),
+        close_timeout_s: float = 10.0,
+    ) -> None:
         if batch_max < 1:
             raise ValueError(f"batch_max must be >= 1 (got {batch_max})")
+        if not 0 < retry_backoff_s[0] <= retry_backoff_s[1]:
+            raise ValueError(f"retry_backoff_s must be 0 < first <= cap (got {retry_backoff_s})")
         self.path = Path(path)
         self._clock = clock
         self._batch_max = batch_max
+        self._busy_timeout_ms = int(busy_timeout_ms)
+        self._retry_backoff_s = retry_backoff_s
+        self._close_timeout_s = close_timeout_s
+        self._closing = threading.Event()
+        self._close_started: float | None = None
+        self._failure: _Failure | None = None
+        # Called on the writer thread with "journal write failing: <reason>" when writes
+        # start failing and with None when they succeed again (the daemon halts entries
+        # on it). It must be quick and must not write to this journal synchronously.
+        self.on_write_state: Callable[[str | None], None] | None = None
         self._queue: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._accepting = False
@@ -814,6 +956,8 @@ class Journal:
                 return
             if self._accepting:
                 self._accepting = False
+                self._close_started = time.monotonic()
+                self._closing.set()  # an outage in progress gets close_timeout_s more
                 self._queue.put(_Stop())
         if threading.current_thread() is thread:
             raise RuntimeError("Journal.close() called from a journal operation")
@@ -840,7 +984,19 @@ class Journal:
             ops_failed=self._ops_failed,
             batches_failed=self._batches_failed,
             queued=self._queue.qsize(),
+            write_failure=self.write_failure,
         )
+
+    @property
+    def write_failure(self) -> str | None:
+        """``"journal write failing: <reason>"`` while writes fail (they are being retried)."""
+        failure = self._failure
+        return None if failure is None else f"journal write failing: {failure.reason}"
+
+    @property
+    def write_failing_since(self) -> datetime | None:
+        failure = self._failure
+        return None if failure is None else failure.since
 
     # -- the queue -------------------------------------------------------------------
 
@@ -848,6 +1004,14 @@ class Journal:
         """Queue ``op(conn)`` for the writer thread; its future resolves after commit."""
         fut: JournalFuture[T] = JournalFuture()
         fut.set_running_or_notify_cancel()  # a queued write cannot be cancelled
+        group = _GROUP.get()
+        if group is not None and group.journal is self:
+            if not self._accepting:
+                raise JournalError(
+                    f"journal {self.path} is closed (or was never opened); no write is accepted"
+                )
+            group.items.append(_Item(op, fut))
+            return fut
         with self._lock:
             if not self._accepting:
                 raise JournalError(
@@ -856,18 +1020,70 @@ class Journal:
             self._queue.put(_Item(op, fut))
         return fut
 
+    @contextlib.contextmanager
+    def atomic(self) -> Generator[None, None, None]:
+        """Writes submitted in this block commit together, or none of them does.
+
+        They are queued as one operation when the block ends: one batch, one
+        SAVEPOINT. A crash can then never keep one without the other (an entry's
+        order row without its trade row). Each write keeps its own future; if one
+        fails, all fail. Never await a write of this journal inside the block (it is
+        queued only at the end); other tasks' writes are not grouped (a context
+        variable, so per task and per thread). Nested blocks join the outer one.
+        """
+        current = _GROUP.get()
+        if current is not None and current.journal is self:
+            yield
+            return
+        group = _Group(self, [])
+        token = _GROUP.set(group)
+        try:
+            yield
+        finally:
+            _GROUP.reset(token)
+            if group.items:
+                self._submit_group(group.items)
+
+    def _submit_group(self, items: list[_Item]) -> None:
+        ops = [item.op for item in items]
+
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            return [each(conn) for each in ops]
+
+        def settle(done: concurrent.futures.Future[list[Any]]) -> None:
+            exc = done.exception()
+            for n, item in enumerate(items):
+                if exc is not None:
+                    item.future.set_exception(exc)
+                else:
+                    item.future.set_result(done.result()[n])
+
+        try:
+            outer = self.submit(op)
+        except JournalError as exc:
+            for item in items:
+                item.future.set_exception(exc)
+            raise
+        outer.add_done_callback(settle)
+
     async def run(self, op: Op[T]) -> T:
         """Run ``op`` on the writer thread and await its committed result."""
+        if _in_group(self):
+            raise RuntimeError("Journal.run() inside Journal.atomic() would wait forever")
         return await self.submit(op)
 
     def call(self, op: Op[T], timeout: float | None = None) -> T:
         """Blocking ``run`` for start-up, the CLI and tests (blocks an event loop)."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("Journal.call() from a journal operation would deadlock")
+        if _in_group(self):
+            raise RuntimeError("Journal.call() inside Journal.atomic() would wait forever")
         return self.submit(op).result(timeout)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is committed (or has failed)."""
+        if _in_group(self):
+            raise RuntimeError("Journal.flush() inside Journal.atomic() would wait forever")
         if self._accepting:
             await asyncio.wrap_future(self.submit(_noop))
 
@@ -920,7 +1136,7 @@ class Journal:
                     break
                 batch.append(item)
             try:
-                self._run_batch(conn, batch)
+                committed = self._run_batch(conn, batch)
             except BaseException as exc:
                 for it in batch:
                     if not it.future.done():
@@ -928,42 +1144,28 @@ class Journal:
                 self._rollback(conn)
                 log.exception("journal_writer_crashed", path=str(self.path))
                 raise
-            if stop:
+            if stop or not committed:
                 return
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
-        outcomes: list[tuple[_Item, bool, Any]] = []
-        try:
-            self._begin(conn)
-            for item in batch:
-                conn.execute("SAVEPOINT journal_op")
-                try:
-                    value = item.op(conn)
-                except Exception as exc:  # the op's own failure goes to its future
-                    if not conn.in_transaction:
-                        raise _BatchAborted(exc) from exc
-                    conn.execute("ROLLBACK TO journal_op")
-                    conn.execute("RELEASE journal_op")
-                    outcomes.append((item, False, exc))
-                else:
-                    conn.execute("RELEASE journal_op")
-                    outcomes.append((item, True, value))
-            self._commit(conn)
-        except (_BatchAborted, sqlite3.Error, OSError) as exc:
-            error = exc.args[0] if isinstance(exc, _BatchAborted) else exc
-            self._rollback(conn)
-            own = {id(it): value for it, ok, value in outcomes if not ok}
-            for it in batch:
-                it.future.set_exception(own.get(id(it), error))
-            self._batches_failed += 1
-            self._ops_failed += len(batch)
-            log.error(
-                "journal_batch_failed",
-                path=str(self.path),
-                ops=len(batch),
-                error=repr(error),
-            )
-            return
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> bool:
+        """Commit ``batch``, retrying while the environment fails it.
+
+        False only when the journal was closed during an outage that outlasted
+        ``close_timeout_s``: then the batch and everything queued after it failed.
+        """
+        attempt = 0
+        while True:
+            try:
+                outcomes = self._attempt(conn, batch)
+                break
+            except _BatchFailed as failed:
+                attempt += 1
+                self._batches_failed += 1
+                cause = failed.args[0]
+                self._note_failure(cause, len(batch), attempt)
+                if not self._wait_before_retry(attempt):
+                    self._give_up(batch, cause)
+                    return False
         self._batches += 1
         for it, ok, value in outcomes:
             if ok:
@@ -972,18 +1174,134 @@ class Journal:
             else:
                 self._ops_failed += 1
                 it.future.set_exception(value)
+        if self._failure is not None:
+            self._recovered(conn)
+        return True
+
+    def _attempt(
+        self, conn: sqlite3.Connection, batch: list[_Item]
+    ) -> list[tuple[_Item, bool, Any]]:
+        """One transaction over ``batch``; raises :class:`_BatchFailed` (rolled back) to retry."""
+        outcomes: list[tuple[_Item, bool, Any]] = []
+        try:
+            self._begin(conn)
+            for item in batch:
+                conn.execute("SAVEPOINT journal_op")
+                try:
+                    value = item.op(conn)
+                except Exception as exc:
+                    # SQLite rolled the whole transaction back, or the disk failed under
+                    # this op: not the op's fault, so not its future's.
+                    if not conn.in_transaction or _environment_failure(exc):
+                        raise _BatchFailed(exc) from exc
+                    conn.execute("ROLLBACK TO journal_op")
+                    conn.execute("RELEASE journal_op")
+                    outcomes.append((item, False, exc))
+                else:
+                    conn.execute("RELEASE journal_op")
+                    outcomes.append((item, True, value))
+            self._commit(conn)
+        except _BatchFailed:
+            self._rollback(conn)
+            raise
+        except (sqlite3.Error, OSError, MemoryError) as exc:
+            self._rollback(conn)
+            raise _BatchFailed(exc) from exc
+        return outcomes
+
+    def _note_failure(self, cause: BaseException, ops: int, attempt: int) -> None:
+        reason = _describe(cause)
+        failure = self._failure
+        if failure is None:
+            now = self._clock.now()
+            self._failure = _Failure(reason, now, time.monotonic(), 1)
+            log.error("journal_write_failing", path=str(self.path), reason=reason, ops=ops)
+            self._tell(self.write_failure)
+            return
+        failure.attempts += 1
+        if failure.reason != reason:
+            failure.reason = reason
+            self._tell(self.write_failure)
+        if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8, ...: a log line, not a flood
+            log.warning(
+                "journal_write_retry", path=str(self.path), reason=reason, attempt=attempt, ops=ops
+            )
+
+    def _wait_before_retry(self, attempt: int) -> bool:
+        """Back off before the next attempt; False when a closing journal should give up."""
+        first, cap = self._retry_backoff_s
+        delay = min(cap, first * 2 ** min(attempt - 1, 30))
+        if self._closing.is_set():
+            closed_at = self._close_started or time.monotonic()
+            left = closed_at + self._close_timeout_s - time.monotonic()
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+            # A real sleep: this waits for the disk, not for market time.
+            time.sleep(delay)
+            return True
+        self._closing.wait(delay)  # close() cuts the wait short for a prompt last try
+        return True
+
+    def _give_up(self, batch: list[_Item], cause: BaseException) -> None:
+        pending = [it for it in batch if not it.future.done()]
+        error = JournalError(
+            f"journal {self.path}: writes kept failing ({_describe(cause)}) until the journal "
+            f"was closed; {len(pending)} write(s) of the last batch and every later one were "
+            "not saved"
+        )
+        for it in pending:
+            it.future.set_exception(error)
+        self._fail_queued(error)
+        log.critical("journal_writes_abandoned", path=str(self.path), reason=_describe(cause))
+
+    def _recovered(self, conn: sqlite3.Connection) -> None:
+        failure = self._failure
+        if failure is None:
+            return
+        self._failure = None
+        seconds = time.monotonic() - failure.since_mono
+        log.warning(
+            "journal_write_recovered",
+            path=str(self.path),
+            failed_for_s=round(seconds, 3),
+            attempts=failure.attempts,
+            reason=failure.reason,
+        )
+        message = (
+            f"journal writes failed for {seconds:.1f} s ({failure.attempts} attempts, "
+            f"since {iso_utc(failure.since)}): {failure.reason}; every queued write was "
+            "saved once they succeeded again"
+        )
+        details = _dumps(
+            {"reason": failure.reason, "attempts": failure.attempts, "seconds": seconds}
+        )
+        params = (iso_utc(self._clock.now()), message, details)
+
+        def record(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO events (time, level, kind, message, details_json) "
+                "VALUES (?, 'warning', 'journal_write_recovered', ?, ?)",
+                params,
+            )
+
+        with contextlib.suppress(_BatchFailed):  # failing again: the next batch says so
+            self._attempt(conn, [_Item(record, JournalFuture())])
+        self._tell(None)
+
+    def _tell(self, state: str | None) -> None:
+        callback = self.on_write_state
+        if callback is None:
+            return
+        try:
+            callback(state)
+        except Exception:  # a broken hook must not stop the writer
+            log.exception("journal_write_state_hook_failed", path=str(self.path))
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        for attempt in range(3):
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                code = getattr(exc, "sqlite_errorcode", None)
-                busy = code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
-                if not busy or attempt == 2:
-                    raise
-                log.warning("journal_busy_retry", path=str(self.path), attempt=attempt + 1)
+        # busy_timeout already waits for another process's lock; past it, the batch
+        # is retried like any other environment failure.
+        conn.execute("BEGIN IMMEDIATE")
 
     def _commit(self, conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
@@ -1001,7 +1319,7 @@ class Journal:
     def _setup(self) -> sqlite3.Connection:
         path = self.path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _mkdir_private(path.parent)
         except OSError as exc:
             raise JournalError(
                 f"cannot create the directory of journal {path} ({exc}); "
@@ -1021,7 +1339,7 @@ class Journal:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         path = self.path
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         # Re-check with this connection: another process may have migrated meanwhile.
         version = _classify(conn, path)
         if 0 < version < LATEST_VERSION:
