@@ -224,15 +224,15 @@ class _KindSettings(_Section):
 
 
 class RFSettings(_KindSettings):
-    n_estimators: int = Field(200, ge=1, le=5000)
-    max_depth: int = Field(10, ge=1, le=100)
+    n_estimators: int = Field(60, ge=1, le=5000)
+    max_depth: int = Field(8, ge=1, le=100)
     min_samples_leaf: int = Field(5, ge=1)
 
 
 class XGBSettings(_KindSettings):
-    n_estimators: int = Field(300, ge=1, le=10_000)
-    max_depth: int = Field(6, ge=1, le=30)
-    learning_rate: float = Field(0.1, gt=0, le=1)
+    n_estimators: int = Field(100, ge=1, le=10_000)
+    max_depth: int = Field(4, ge=1, le=30)
+    learning_rate: float = Field(0.2, gt=0, le=1)
     subsample: float = Field(0.8, gt=0, le=1)
     colsample_bytree: float = Field(0.8, gt=0, le=1)
 

@@ -240,8 +240,8 @@ class RandomForestModel(ModelKind):
     def __init__(
         self,
         *,
-        n_estimators: int = 200,
-        max_depth: int | None = 10,
+        n_estimators: int = 60,
+        max_depth: int | None = 8,
         min_samples_leaf: int = 5,
         max_features: str | float | int = "sqrt",
         class_weight: str | None = "balanced_subsample",

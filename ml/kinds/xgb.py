@@ -43,9 +43,9 @@ class XGBoostModel(ModelKind):
     def __init__(
         self,
         *,
-        n_estimators: int = 300,
-        max_depth: int = 6,
-        learning_rate: float = 0.1,
+        n_estimators: int = 100,
+        max_depth: int = 4,
+        learning_rate: float = 0.2,
         subsample: float = 0.8,
         colsample_bytree: float = 0.8,
         min_child_weight: float = 1.0,
