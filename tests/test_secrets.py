@@ -150,9 +150,13 @@ def test_planted_credentials_appear_in_no_output(tmp_path: Path) -> None:
         ["models", "list"],
         ["models", "verify"],
         ["models", "events"],
+        ["report"],
     ):
         result = main_py(args, env)
         scanned[" ".join(args)] = result.stdout + result.stderr
+    report = journal.with_suffix(".html")
+    assert report.is_file(), scanned["report"]
+    scanned["report html"] = report.read_text(encoding="utf-8")
     for where, text in scanned.items():
         assert leaks(text) == [], f"{where} leaks {leaks(text)}"
 
