@@ -1164,13 +1164,12 @@ async def run_backtest(
         if follow is not None:
             follow(bar)
 
-    frame = plan.frame
     daemon = await start_daemon(
         settings,
         clock=clock,
         backend=backend,
         runner=InlineRunner(),
-        sources={plan.symbol: lambda: iter([frame])},
+        sources={plan.symbol: _whole_frame(plan.frame)},
         replay_after=plan.replay_after,
         train=plan.walk_forward,
         on_bar=each_bar,
