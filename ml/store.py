@@ -66,6 +66,7 @@ from typing import Any, Final, Protocol
 import filelock
 
 from utils.clock import Clock, iso_utc, parse_iso_utc
+from utils.paths import mkdir_private
 
 log = logging.getLogger(__name__)
 
@@ -261,22 +262,6 @@ def _check_name(value: str, what: str) -> str:
             "(letters, digits and _ # $ @ + - ., at most 64 characters, not starting with '.')"
         )
     return value
-
-
-def _mkdir_private(directory: Path) -> None:
-    """Create ``directory`` and its missing parents owner-only (0700 on POSIX).
-
-    Model files are the operator's property (and reveal the strategy): the store's
-    directories admit nobody else. Directories that exist already are left alone.
-    """
-    missing: list[Path] = []
-    current = directory
-    while not current.exists() and current.parent != current:
-        missing.append(current)
-        current = current.parent
-    for created in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            created.mkdir(mode=0o700)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -486,7 +471,7 @@ class ModelStore:
         :class:`StoreLockedError`.
         """
         kdir = self.kind_dir(symbol, kind)
-        _mkdir_private(kdir)
+        mkdir_private(kdir)
         # is_singleton: one lock object per path in this process, so nested use by
         # two store objects in one thread is reentrant instead of a self-deadlock.
         file_lock = filelock.FileLock(kdir / LOCK_NAME, is_singleton=True)
@@ -913,7 +898,7 @@ class ModelStore:
         :meth:`discard_draft`; if the process dies, the draft becomes a leftover.
         """
         kdir = self.kind_dir(symbol, kind)
-        _mkdir_private(kdir)
+        mkdir_private(kdir)
         draft = kdir / f"{DRAFT_PREFIX}{uuid.uuid4().hex}"
         draft_lock = filelock.FileLock(draft.with_name(draft.name + ".lock"))
         draft_lock.acquire(timeout=0)

@@ -58,6 +58,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from utils.clock import Clock, iso_utc, parse_iso_utc
+from utils.paths import mkdir_private
 
 log = structlog.get_logger(__name__)
 
@@ -501,21 +502,6 @@ def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
 def backup_path(path: Path, version: int) -> Path:
     """Where the copy taken before migrating a version-``version`` journal goes."""
     return path.with_name(f"{path.name}.v{version}.bak")
-
-
-def _mkdir_private(directory: Path) -> None:
-    """Create ``directory`` and its missing parents owner-only (0700 on POSIX).
-
-    Directories that exist already are left as they are (they may be shared).
-    """
-    missing: list[Path] = []
-    current = directory
-    while not current.exists() and current.parent != current:
-        missing.append(current)
-        current = current.parent
-    for created in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            created.mkdir(mode=0o700)
 
 
 def _create_private(path: Path) -> None:
@@ -1319,7 +1305,7 @@ class Journal:
     def _setup(self) -> sqlite3.Connection:
         path = self.path
         try:
-            _mkdir_private(path.parent)
+            mkdir_private(path.parent)
         except OSError as exc:
             raise JournalError(
                 f"cannot create the directory of journal {path} ({exc}); "
