@@ -56,6 +56,7 @@ import pandas as pd
 import main as daemon_main
 import ml.serving
 import strategy.scalper as scalper_module
+from bench.autotrain import _CpuWait
 from bench.models import QUICK_ENV, _market
 from config.settings import Settings, load_settings
 from execution.paper import PaperBroker
@@ -326,15 +327,6 @@ def _thread_cpu_s(thread: threading.Thread | None) -> float | None:
         return None
 
 
-def _sched_wait_s() -> float | None:
-    """Seconds the calling thread has been runnable but waiting for a core (Linux schedstat)."""
-    try:
-        fields = Path("/proc/thread-self/schedstat").read_text(encoding="ascii").split()
-        return int(fields[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _settings(tmp: Path, *, quick: bool) -> Settings:
     env = {
         "SCALPER__STORAGE__JOURNAL_PATH": str(tmp / "data" / "journal.sqlite3"),
@@ -575,7 +567,8 @@ class _Profiler:
             writer = next((t for t in threading.enumerate() if t.name == "journal-writer"), None)
             w0 = _thread_cpu_s(writer)
             c0 = time.thread_time()
-            s0 = _sched_wait_s()
+            loop_wait = _CpuWait()  # on the loop thread, the one it watches
+            s0 = loop_wait.ns()
             prof.thread = threading.get_ident()
             prof.stack = [0, 0]
             prof.active = True
@@ -589,9 +582,10 @@ class _Profiler:
                 prof.excl[LOOP] += dt - child
                 prof.run_ns += dt
                 prof.loop_cpu_s += time.thread_time() - c0
-                s1 = _sched_wait_s()
+                s1 = loop_wait.ns()
+                loop_wait.close()
                 if s0 is not None and s1 is not None:
-                    prof.loop_wait_s = (prof.loop_wait_s or 0.0) + s1 - s0
+                    prof.loop_wait_s = (prof.loop_wait_s or 0.0) + (s1 - s0) / 1e9
                 w1 = _thread_cpu_s(writer)
                 if w0 is not None and w1 is not None:
                     prof.writer_cpu_s = (prof.writer_cpu_s or 0.0) + w1 - w0
@@ -707,11 +701,12 @@ def _backtest(
     run_settings = backtest_settings(settings, run_plan, kinds)
     count = 0
     first = last = first_cpu = last_cpu = 0.0
-    wait: list[float | None] = [None, None]
+    wait: list[int | None] = [None, None]  # the loop thread's CPU wait, ns
     final = min(plan.bars, max_bars) if max_bars is not None else plan.bars
 
     async def go() -> int:
         stop = asyncio.Event()
+        loop_wait = _CpuWait()  # on the loop thread, the one it watches
 
         def on_bar(_bar: Bar) -> None:
             nonlocal count, first, last, first_cpu, last_cpu
@@ -719,17 +714,20 @@ def _backtest(
             cpu = time.thread_time()
             if not count:
                 first, first_cpu = now, cpu
-                wait[0] = _sched_wait_s()
+                wait[0] = loop_wait.ns()
             last, last_cpu = now, cpu
             count += 1
             if count == final:
-                wait[1] = _sched_wait_s()
+                wait[1] = loop_wait.ns()
             if max_bars is not None and count >= max_bars:
                 stop.set()  # what Ctrl-C does: the engine stops after this bar
 
-        return await run_backtest(
-            run_settings, run_plan, on_bar=on_bar, stop=stop, install_signals=False
-        )
+        try:
+            return await run_backtest(
+                run_settings, run_plan, on_bar=on_bar, stop=stop, install_signals=False
+            )
+        finally:
+            loop_wait.close()
 
     gc.collect()
     _reset_peak_rss()
@@ -754,7 +752,7 @@ def _backtest(
         shutdown_s=t1 - last if count else 0.0,
         cpu_s=cpu,
         loop_cpu_s=last_cpu - first_cpu,
-        loop_wait_s=None if wait[0] is None or wait[1] is None else wait[1] - wait[0],
+        loop_wait_s=None if wait[0] is None or wait[1] is None else (wait[1] - wait[0]) / 1e9,
         peak_rss_mb=rss,
         trades=trades,
         served=served,
